@@ -1,0 +1,39 @@
+"""sparse_attn: masked softmax attention over sparsity patterns, computed block-sparse."""
+
+from ._version import __version__
+from ._args import get_num_threads, set_num_threads
+from .api import attention
+from .patterns import (
+    BlockSparse,
+    Causal,
+    Dense,
+    Global,
+    Intersection,
+    Mask,
+    Pattern,
+    SlidingWindow,
+    Strided,
+    Union,
+)
+from .plot import plot_pattern
+from ._info import build_info, cuda_available
+
+__all__ = [
+    "__version__",
+    "attention",
+    "build_info",
+    "cuda_available",
+    "get_num_threads",
+    "set_num_threads",
+    "plot_pattern",
+    "Pattern",
+    "Dense",
+    "Causal",
+    "SlidingWindow",
+    "Strided",
+    "Global",
+    "BlockSparse",
+    "Mask",
+    "Union",
+    "Intersection",
+]

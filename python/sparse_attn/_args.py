@@ -1,0 +1,266 @@
+"""Argument normalisation for the public API: dtype and shape checks with messages that name
+the argument, broadcasting, and the strided operand descriptions the kernels read.
+Nothing here computes attention and nothing the caller passed is modified."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(x, name: str) -> np.ndarray:
+    """``np.asarray`` with a dtype check: float32 and float64 pass, everything else is refused."""
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # noqa: BLE001 - anything asarray cannot take is a type error
+        raise TypeError(f"{name}: cannot convert {type(x).__name__} to an array ({exc})") from None
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: dtype {arr.dtype} is not supported; pass float32 or float64 "
+            f"(convert with {name}.astype(np.float32))"
+        )
+    return arr
+
+
+def common_dtype(arrays: dict) -> np.dtype:
+    dtypes = {a.dtype for a in arrays.values()}
+    if len(dtypes) > 1:
+        listed = ", ".join(f"{n}={a.dtype}" for n, a in arrays.items())
+        raise TypeError(f"q, k, v must share one dtype, got {listed}")
+    return dtypes.pop()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Shapes of one attention call after broadcasting."""
+
+    batch_shape: tuple
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    dim_qk: int
+    dim_v: int
+    squeeze: bool  # the caller passed 2-D (L, D) arrays: drop the head axis on return
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.batch_shape)
+
+    def kernel_shape(self) -> dict:
+        return dict(batch=self.batch, heads_q=self.heads_q, heads_kv=self.heads_kv,
+                    len_q=self.len_q, len_k=self.len_k, dim_qk=self.dim_qk, dim_v=self.dim_v)
+
+    def out_shape(self) -> tuple:
+        return self.batch_shape + (self.heads_q, self.len_q, self.dim_v)
+
+    def lse_shape(self) -> tuple:
+        return self.batch_shape + (self.heads_q, self.len_q)
+
+    def scores_shape(self) -> tuple:
+        return self.batch_shape + (self.heads_q, self.len_q, self.len_k)
+
+
+def problem_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray | None) -> Problem:
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a is not None and a.ndim < 2:
+            raise ValueError(
+                f"{name} must have at least 2 dimensions (L, D) or (..., H, L, D), "
+                f"got shape {a.shape}"
+            )
+    squeeze = q.ndim == 2
+    q3, k3 = _with_head_axis(q), _with_head_axis(k)
+    v3 = _with_head_axis(v) if v is not None else None
+    heads_q, len_q, dim_qk = q3.shape[-3:]
+    heads_kv, len_k, dim_k = k3.shape[-3:]
+    if dim_k != dim_qk:
+        raise ValueError(f"q and k must have the same head dim: q {q.shape}, k {k.shape}")
+    dim_v = dim_qk
+    if v3 is not None:
+        heads_v, len_v, dim_v = v3.shape[-3:]
+        if (heads_v, len_v) != (heads_kv, len_k):
+            raise ValueError(
+                f"k and v must agree on heads and length: k {k.shape}, v {v.shape}"
+            )
+    if dim_qk == 0:
+        raise ValueError(f"the head dim of q and k must be >= 1, got q {q.shape}")
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(
+            f"the query heads must be a multiple of the key/value heads (grouped-query "
+            f"attention): Hq={heads_q}, Hkv={heads_kv} (q {q.shape}, k {k.shape})"
+        )
+    leads = [a.shape[:-3] for a in (q3, k3, v3) if a is not None]
+    try:
+        batch_shape = tuple(np.broadcast_shapes(*leads))
+    except ValueError:
+        shapes = ", ".join(str(a.shape) for a in (q, k, v) if a is not None)
+        raise ValueError(f"the leading (batch) dimensions of q, k, v do not broadcast: {shapes}")
+    return Problem(batch_shape, heads_q, heads_kv, len_q, len_k, dim_qk, dim_v, squeeze)
+
+
+def _with_head_axis(a: np.ndarray) -> np.ndarray:
+    return a[None] if a.ndim == 2 else a
+
+
+def operand(a: np.ndarray, batch_shape: tuple, tail: tuple, *, unit_col: bool) -> tuple:
+    """The kernel's view of ``a`` broadcast to ``batch_shape + tail`` (tail = (H, rows, cols)):
+    ``(array, batch_offsets, stride_head, stride_row, stride_col)`` in elements. Broadcast
+    and grouped axes get stride 0; only a non-unit innermost stride forces a copy."""
+    if unit_col and a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+        a = np.ascontiguousarray(a)
+    if any(s % a.itemsize for s in a.strides):
+        a = np.ascontiguousarray(a)
+    view = np.broadcast_to(a, batch_shape + tail)
+    strides = [s // view.itemsize for s in view.strides]
+    if unit_col and tail[-1] <= 1:
+        strides[-1] = 1  # a single column is never stepped over
+    offsets = np.zeros(batch_shape, dtype=np.int64)
+    for axis, (n, s) in enumerate(zip(batch_shape, strides[: len(batch_shape)])):
+        shape = [1] * len(batch_shape)
+        shape[axis] = n
+        offsets = offsets + (np.arange(n, dtype=np.int64) * s).reshape(shape)
+    offsets = np.ascontiguousarray(offsets.reshape(-1))
+    nb = len(batch_shape)
+    return (view, offsets, strides[nb], strides[nb + 1], strides[nb + 2])
+
+
+def check_broadcast(arr: np.ndarray, target: tuple, name: str) -> None:
+    try:
+        shape = np.broadcast_shapes(arr.shape, target)
+    except ValueError:
+        shape = None
+    if shape != tuple(target):
+        raise ValueError(
+            f"{name} of shape {arr.shape} does not broadcast to (..., Hq, Lq, Lk) = {target}"
+        )
+
+
+def mask_operand(mask, problem: Problem):
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        raise TypeError(f"mask must be a bool array (True = may attend), got dtype {m.dtype}")
+    target = problem.scores_shape()
+    check_broadcast(m, target, "mask")
+    return operand(m.view(np.uint8), problem.batch_shape, target[-3:], unit_col=False)
+
+
+def bias_operand(bias, problem: Problem, dtype: np.dtype):
+    if bias is None:
+        return None
+    b = np.asarray(bias)
+    if not (np.issubdtype(b.dtype, np.floating) or np.issubdtype(b.dtype, np.integer)) \
+            or b.dtype == np.bool_:
+        raise TypeError(f"bias must be a real (float) array, got dtype {b.dtype}")
+    target = problem.scores_shape()
+    check_broadcast(b, target, "bias")
+    return operand(b.astype(dtype, copy=False), problem.batch_shape, target[-3:], unit_col=False)
+
+
+def key_lengths_array(key_lengths, problem: Problem):
+    if key_lengths is None:
+        return None
+    kl = np.asarray(key_lengths)
+    if not np.issubdtype(kl.dtype, np.integer) or kl.dtype == np.bool_:
+        raise TypeError(f"key_lengths must be an integer array, got dtype {kl.dtype}")
+    try:
+        kl = np.broadcast_to(kl, problem.batch_shape)
+    except ValueError:
+        raise ValueError(
+            f"key_lengths of shape {kl.shape} does not broadcast to the batch shape "
+            f"{problem.batch_shape}"
+        ) from None
+    if kl.size and (kl.min() < 0 or kl.max() > problem.len_k):
+        raise ValueError(
+            f"key_lengths must lie in [0, Lk={problem.len_k}], got values in "
+            f"[{kl.min()}, {kl.max()}]"
+        )
+    return np.ascontiguousarray(kl.reshape(-1), dtype=np.int64)
+
+
+def resolve_scale(scale, dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def resolve_device(device) -> str:
+    from . import _core
+
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'cpu', 'cuda' or 'auto', got {type(device).__name__}")
+    if device not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device == "cuda" and not _core.build_info()["cuda_compiled"]:
+        raise RuntimeError(
+            "device='cuda': this build of sparse_attn has no CUDA kernels (it was built "
+            "without a CUDA toolkit); use device='cpu' or 'auto'"
+        )
+    return "cpu"
+
+
+def check_out(out, shape: tuple, dtype: np.dtype, inputs: dict) -> None:
+    if out is None:
+        return
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != shape or out.dtype != dtype:
+        raise ValueError(
+            f"out must have shape {shape} and dtype {dtype}, got {out.shape} {out.dtype}"
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    for name, a in inputs.items():
+        if a is not None and np.may_share_memory(out, a):
+            raise ValueError(f"out must not overlap the input {name}")
+
+
+# Threads: a process default from SPARSE_ATTN_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs.
+_threads_lock = threading.Lock()
+_default_threads: list = []
+
+
+def _threads_from_env() -> int:
+    for var in ("SPARSE_ATTN_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").split(",")[0].strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+               else (os.cpu_count() or 1))
+
+
+def get_num_threads() -> int:
+    """The number of kernel threads a call uses when ``threads=None``."""
+    with _threads_lock:
+        if not _default_threads:
+            _default_threads.append(_threads_from_env())
+        return _default_threads[0]
+
+
+def set_num_threads(n: int) -> None:
+    """Set the process-wide default number of kernel threads."""
+    n = resolve_threads(n)
+    with _threads_lock:
+        _default_threads[:] = [n]
+
+
+def resolve_threads(threads) -> int:
+    if threads is None:
+        return get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
+        raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    return int(threads)
