@@ -22,30 +22,31 @@ const T* element(const Operand& op, int64_t b, int64_t h, int64_t row) {
          row * op.stride_row;
 }
 
-// Per-thread buffers, allocated once per call and thread.
+// Per-thread buffers, allocated once per call and thread. Tiles are in "query lanes" order
+// (see microkernels.h): q_packed[d][r], scores[c][r], acc[e][r].
 template <typename T>
 struct Scratch {
-  std::vector<T> k_packed, scores, acc, row_max, row_sum, corr;
+  std::vector<T> q_packed, scores, acc, row_max, row_sum, corr;
+  std::vector<uint64_t> row_bits;
   Scratch(int dim_qk, int dim_v)
-      : k_packed(static_cast<size_t>(dim_qk) * kTileK),
-        scores(kTileQ * kTileK),
-        acc(static_cast<size_t>(kTileQ) * dim_v),
+      : q_packed(static_cast<size_t>(dim_qk) * kTileQ),
+        scores(kTileK * kTileQ),
+        acc(static_cast<size_t>(dim_v) * kTileQ),
         row_max(kTileQ),
         row_sum(kTileQ),
-        corr(kTileQ) {}
+        corr(kTileQ),
+        row_bits(kTileQ) {}
 };
 
-// Sets masked score entries of a tile to -inf. Bits start from the layout (partial tiles),
-// then the key-length cut and the user's mask. Returns nothing; full tiles never come here.
-template <typename T>
-void mask_tile(const AttentionParams& p, const Layout& layout, int64_t b, int64_t h, int64_t row0,
-               int rows, int64_t kt, int cols, bool partial, int64_t key_limit, T* s) {
-  const T neg_inf = -std::numeric_limits<T>::infinity();
+// Allowed columns of each query row of a tile that needs mask work: the layout's bits
+// (partial tiles), the key-length cut and the user's mask. Lanes past the last row get none.
+void tile_row_bits(const AttentionParams& p, const Layout& layout, int64_t b, int64_t h,
+                   int64_t row0, int rows, int64_t kt, int cols, bool partial, int64_t key_limit,
+                   uint64_t* row_bits) {
   const int64_t col0 = kt * kTileK;
-  const uint64_t limit_bits = bit_range(0, key_limit - col0);
+  const uint64_t limit_bits = bit_range(0, key_limit - col0) & bit_range(0, cols);
   for (int r = 0; r < rows; ++r) {
-    uint64_t bits = partial ? layout.tile_row_bits(row0 + r, kt) : bit_range(0, cols);
-    bits &= limit_bits;
+    uint64_t bits = partial ? layout.tile_row_bits(row0 + r, kt) & limit_bits : limit_bits;
     if (p.mask.data != nullptr) {
       const auto* m = static_cast<const uint8_t*>(p.mask.data) + p.mask.batch_offset[b] +
                       h * p.mask.stride_head + (row0 + r) * p.mask.stride_row +
@@ -54,20 +55,18 @@ void mask_tile(const AttentionParams& p, const Layout& layout, int64_t b, int64_
         if (!m[c * p.mask.stride_col]) bits &= ~(uint64_t{1} << c);
       }
     }
-    T* scores = s + r * kTileK;
-    for (int c = 0; c < cols; ++c) {
-      if (!((bits >> c) & 1)) scores[c] = neg_inf;
-    }
+    row_bits[r] = bits;
   }
+  for (int r = rows; r < kTileQ; ++r) row_bits[r] = 0;
 }
 
+// scores[c][r] += bias[row0 + r][col0 + c]
 template <typename T>
 void add_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t row0, int rows, int64_t col0,
               int cols, T* s) {
   for (int r = 0; r < rows; ++r) {
     const T* bias = element<T>(p.bias, b, h, row0 + r) + col0 * p.bias.stride_col;
-    T* scores = s + r * kTileK;
-    for (int c = 0; c < cols; ++c) scores[c] += bias[c * p.bias.stride_col];
+    for (int c = 0; c < cols; ++c) s[c * kTileQ + r] += bias[c * p.bias.stride_col];
   }
 }
 
@@ -80,10 +79,12 @@ void query_tile(const AttentionParams& p, const MicroKernels<T>& mk, int64_t b, 
   const int rows = static_cast<int>(layout.q_tile_rows(qt));
   const int dim = static_cast<int>(p.dim_qk), dim_v = static_cast<int>(p.dim_v);
   const int64_t key_limit = p.key_lengths ? std::min(p.key_lengths[b], p.len_k) : p.len_k;
-  const T scale = static_cast<T>(p.scale);
-  const T* q = element<T>(p.q, b, h, row0);
+  T* const scores = scratch.scores.data();
+  T* const acc = scratch.acc.data();
 
-  std::fill(scratch.acc.begin(), scratch.acc.begin() + static_cast<int64_t>(rows) * dim_v, T(0));
+  mk.pack_q(element<T>(p.q, b, h, row0), p.q.stride_row, rows, dim, static_cast<T>(p.scale),
+            scratch.q_packed.data());
+  std::fill(scratch.acc.begin(), scratch.acc.end(), T(0));
   std::fill(scratch.row_max.begin(), scratch.row_max.end(), -std::numeric_limits<T>::infinity());
   std::fill(scratch.row_sum.begin(), scratch.row_sum.end(), T(0));
 
@@ -95,30 +96,30 @@ void query_tile(const AttentionParams& p, const MicroKernels<T>& mk, int64_t b, 
     const bool partial = layout.kinds()[e] == TileKind::Partial;
     const bool cut = col0 + cols > key_limit;
 
-    const T* k = element<T>(p.k, b, kv_head, col0);
-    const T* v = element<T>(p.v, b, kv_head, col0);
-    mk.pack_k(k, p.k.stride_row, cols, dim, scratch.k_packed.data());
-    mk.score_tile(q, p.q.stride_row, rows, scratch.k_packed.data(), dim, scale,
-                  scratch.scores.data());
-    if (p.bias.data != nullptr) add_bias(p, b, h, row0, rows, col0, cols, scratch.scores.data());
-    if (partial || cut || p.mask.data != nullptr) {
-      mask_tile(p, layout, b, h, row0, rows, kt, cols, partial, key_limit, scratch.scores.data());
+    mk.score_tile(element<T>(p.k, b, kv_head, col0), p.k.stride_row, cols, dim,
+                  scratch.q_packed.data(), scores);
+    if (p.bias.data != nullptr) add_bias(p, b, h, row0, rows, col0, cols, scores);
+    if (partial || cut || p.mask.data != nullptr) {  // full tiles skip all mask work
+      tile_row_bits(p, layout, b, h, row0, rows, kt, cols, partial, key_limit,
+                    scratch.row_bits.data());
+      mk.mask_tile(scores, cols, scratch.row_bits.data());
     }
-    mk.softmax_update(scratch.scores.data(), rows, cols, scratch.row_max.data(),
-                      scratch.row_sum.data(), scratch.corr.data());
-    mk.accumulate_pv(scratch.scores.data(), rows, cols, v, p.v.stride_row, dim_v,
-                     scratch.corr.data(), scratch.acc.data());
+    mk.softmax_update(scores, cols, scratch.row_max.data(), scratch.row_sum.data(),
+                      scratch.corr.data());
+    mk.accumulate_pv(scores, cols, element<T>(p.v, b, kv_head, col0), p.v.stride_row, dim_v,
+                     scratch.corr.data(), acc);
   }
 
   const int64_t out_row0 = (b * p.heads_q + h) * p.len_q + row0;
   T* out = static_cast<T*>(p.out) + out_row0 * dim_v;
   for (int r = 0; r < rows; ++r) {
     const T sum = scratch.row_sum[r];
-    const T inv = sum > T(0) ? T(1) / sum : T(0);  // an empty row gives zeros, never NaN
-    for (int e = 0; e < dim_v; ++e) out[r * dim_v + e] = scratch.acc[r * dim_v + e] * inv;
+    // An empty row gives zeros, never NaN; a NaN input keeps its row NaN.
+    const T inv = sum == T(0) ? T(0) : T(1) / sum;
+    for (int e = 0; e < dim_v; ++e) out[r * dim_v + e] = acc[e * kTileQ + r] * inv;
     if (p.lse != nullptr) {
       static_cast<T*>(p.lse)[out_row0 + r] =
-          sum > T(0) ? scratch.row_max[r] + std::log(sum) : -std::numeric_limits<T>::infinity();
+          sum == T(0) ? -std::numeric_limits<T>::infinity() : scratch.row_max[r] + std::log(sum);
     }
   }
 }

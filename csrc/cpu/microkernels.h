@@ -1,28 +1,36 @@
 // The tile operations of the CPU forward pass, one table per instruction set and dtype.
 // The forward loop (forward.cpp) calls them through this table, chosen once by dispatch.cpp;
 // they see only plain pointers and sizes.
+//
+// Layout of a tile step ("query lanes"): the queries of a tile run along the vector lanes.
+// Q is packed once per query tile as q_packed[d][r] (scaled); scores are produced transposed,
+// s[c][r] for key c and query r, so the online softmax is vertical (no horizontal reductions)
+// and the accumulator is acc[e][r]. K and V are read in place, never packed.
 #pragma once
 
 #include <cstdint>
 
 namespace sparse_attn::cpu {
 
-constexpr int kTileQ = 64;  // query rows per work item: a 64 x 64 fp32 score tile is 16 KB (L1)
-constexpr int kTileK = 64;  // key columns per tile: one uint64_t of mask bits per row
+constexpr int kTileQ = 64;  // queries per tile (vector lanes); 64 x 64 fp32 scores = 16 KB
+constexpr int kTileK = 64;  // keys per tile: one uint64_t of mask bits per query row
 
 template <typename T>
 struct MicroKernels {
-  // K tile rows [0, cols) of length dim -> packed (dim, kTileK), column c = key c; zero padded.
-  void (*pack_k)(const T* k, int64_t k_row_stride, int cols, int dim, T* k_packed);
-  // s[r * kTileK + c] = scale * dot(q_r, key c) for r < rows and every c < kTileK.
-  void (*score_tile)(const T* q, int64_t q_row_stride, int rows, const T* k_packed, int dim,
-                     T scale, T* s);
-  // Online softmax over columns [0, cols) of each row (masked entries are -inf): replaces s by
-  // exp(s - new_max), updates row_max and row_sum, and writes corr = exp(old_max - new_max).
-  void (*softmax_update)(T* s, int rows, int cols, T* row_max, T* row_sum, T* corr);
-  // acc[r] = acc[r] * corr[r] + sum_c p[r * kTileK + c] * v_c, acc rows of length dim_v.
-  void (*accumulate_pv)(const T* p, int rows, int cols, const T* v, int64_t v_row_stride,
-                        int dim_v, const T* corr, T* acc);
+  // q_packed[d * kTileQ + r] = scale * q[r][d] for r < rows; zero for rows <= r < kTileQ.
+  void (*pack_q)(const T* q, int64_t q_row_stride, int rows, int dim, T scale, T* q_packed);
+  // s[c * kTileQ + r] = sum_d k[c][d] * q_packed[d][r] for c < cols and every lane r.
+  void (*score_tile)(const T* k, int64_t k_row_stride, int cols, int dim, const T* q_packed,
+                     T* s);
+  // s[c][r] = -inf where bit c of row_bits[r] is clear (c < cols, every lane r).
+  void (*mask_tile)(T* s, int cols, const uint64_t* row_bits);
+  // Online softmax down the columns c < cols of every lane r: s becomes exp(s - new_max),
+  // row_sum = row_sum * corr + sum, row_max = new_max, corr = exp(old_max - new_max).
+  // A lane whose max stays -inf keeps p = 0 (and corr = 0: its accumulator is still zero).
+  void (*softmax_update)(T* s, int cols, T* row_max, T* row_sum, T* corr);
+  // acc[e][r] = acc[e][r] * corr[r] + sum_{c < cols} v[c][e] * p[c][r], for e < dim_v.
+  void (*accumulate_pv)(const T* p, int cols, const T* v, int64_t v_row_stride, int dim_v,
+                        const T* corr, T* acc);
 };
 
 enum class SimdLevel : int { Generic = 0, Avx2 = 1 };
