@@ -18,6 +18,11 @@
 #include "cpu/microkernels.h"
 
 namespace py = pybind11;
+#if SPARSE_ATTN_WITH_CUDA
+namespace sparse_attn::cuda {
+void register_cuda_backend(py::module_& core);  // csrc/cuda/bindings_cuda.cpp: _core.cuda
+}
+#endif
 using sparse_attn::AttentionParams;
 using sparse_attn::Layout;
 using sparse_attn::Operand;
@@ -160,7 +165,11 @@ py::dict build_info() {
   info["simd_compiled"] = levels;
   info["openmp"] = true;
   info["max_threads"] = omp_get_max_threads();
+#if SPARSE_ATTN_WITH_CUDA
+  info["cuda_compiled"] = true;
+#else
   info["cuda_compiled"] = false;
+#endif
   info["compiler"] = __VERSION__;
   info["tile_q"] = sparse_attn::cpu::kTileQ;
   info["tile_k"] = sparse_attn::cpu::kTileK;
@@ -186,4 +195,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("k0") = 0);
   m.def("forward", &forward);
   m.def("build_info", &build_info);
+#if SPARSE_ATTN_WITH_CUDA
+  sparse_attn::cuda::register_cuda_backend(m);
+#endif
 }

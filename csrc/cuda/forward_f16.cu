@@ -1,0 +1,5 @@
+// The CUDA forward kernel for __half inputs (float32 accumulation), both output widths.
+#include "forward_kernel.h"
+#include "forward_launch.h"
+
+SA_INSTANTIATE_FORWARD(__half)
