@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _args, _core
+from . import _args, _core, _device
 from .layout import compile_layout
 from .patterns import as_head_patterns
 
@@ -37,7 +37,11 @@ def attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, key_le
     Returns the output ``(..., Hq, Lq, Dv)``, and ``lse`` ``(..., Hq, Lq)`` (natural log of the
     softmax denominator) when ``return_lse=True``. ``out=`` is written only on success.
     """
-    _args.resolve_device(device)
+    if _device.select(_args.resolve_device(device), q) == "cuda":  # the GPU path: _device.py
+        _args.resolve_threads(threads)
+        return _device.attention(q, k, v, pattern, mask=mask, bias=bias, scale=scale,
+                                 key_lengths=key_lengths, return_lse=return_lse, out=out,
+                                 head_layouts=_head_layouts)
     arrays = {"q": _args.as_float_array(q, "q"), "k": _args.as_float_array(k, "k"),
               "v": _args.as_float_array(v, "v")}
     dtype = _args.common_dtype(arrays)
