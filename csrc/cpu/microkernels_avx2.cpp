@@ -51,22 +51,27 @@ inline __m256 tanh_approx(__m256 x) {
   return _mm256_or_ps(t, _mm256_and_ps(sign_bit, x));
 }
 
-// c[i][0:16] (+)= sum_k a_i[k * a_col_stride] * b[k * kTileQ + 0:16] for i < R.
-// With scale != null the old c is multiplied lane-wise by scale[0:16] first (accumulate mode).
-template <int R>
+// c[i][0:16] = sum_k a_i[k * a_col_stride] * b[k * kTileQ + 0:16] for i < R; in accumulate mode
+// the old c, multiplied lane-wise by scale[0:16], is added. depth >= 1.
+template <int R, bool kAccumulate>
 inline void micro_tile(const float* a, int64_t a_row_stride, int64_t a_col_stride, int depth,
                        const float* b, float* c, const float* scale) {
   __m256 acc[R][2];
-  if (scale != nullptr) {
+  if constexpr (kAccumulate) {
     const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + kLanes);
     for (int i = 0; i < R; ++i) {
       acc[i][0] = _mm256_mul_ps(_mm256_loadu_ps(c + i * kTileQ), s0);
       acc[i][1] = _mm256_mul_ps(_mm256_loadu_ps(c + i * kTileQ + kLanes), s1);
     }
   } else {
-    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int i = 0; i < R; ++i) {
+      acc[i][0] = _mm256_setzero_ps();
+      acc[i][1] = _mm256_setzero_ps();
+    }
   }
-  for (int k = 0; k < depth; ++k) {
+  // depth >= 1: with a loop that may run zero times gcc kept the accumulators in memory.
+  int k = 0;
+  do {
     const __m256 b0 = _mm256_loadu_ps(b + k * kTileQ);
     const __m256 b1 = _mm256_loadu_ps(b + k * kTileQ + kLanes);
     const float* ak = a + k * a_col_stride;
@@ -75,31 +80,34 @@ inline void micro_tile(const float* a, int64_t a_row_stride, int64_t a_col_strid
       acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
     }
-  }
+  } while (++k < depth);
   for (int i = 0; i < R; ++i) {
     _mm256_storeu_ps(c + i * kTileQ, acc[i][0]);
     _mm256_storeu_ps(c + i * kTileQ + kLanes, acc[i][1]);
   }
 }
 
-// C[rows][kTileQ] (+)= A[rows][depth] * B[depth][kTileQ], A strided, in 6 x 16 micro-tiles.
+// C[rows][kTileQ] (+)= A[rows][depth] * B[depth][kTileQ], A strided, in 6 x 16 micro-tiles;
+// depth >= 1 (callers: the head dim, or a tile's key count).
+template <bool kAccumulate>
 void lanes_gemm(const float* a, int64_t a_row_stride, int64_t a_col_stride, int rows, int depth,
                 const float* b, float* c, const float* scale) {
   for (int n0 = 0; n0 < kTileQ; n0 += kPanel) {
-    const float* panel_scale = scale != nullptr ? scale + n0 : nullptr;
+    const float* panel_scale = kAccumulate ? scale + n0 : nullptr;
     int i0 = 0;
     for (; i0 + kMicroRows <= rows; i0 += kMicroRows) {
-      micro_tile<kMicroRows>(a + i0 * a_row_stride, a_row_stride, a_col_stride, depth, b + n0,
-                             c + i0 * kTileQ + n0, panel_scale);
+      micro_tile<kMicroRows, kAccumulate>(a + i0 * a_row_stride, a_row_stride, a_col_stride,
+                                          depth, b + n0, c + i0 * kTileQ + n0, panel_scale);
     }
     const float* ar = a + i0 * a_row_stride;
     float* cr = c + i0 * kTileQ + n0;
+    const float* bn = b + n0;
     switch (rows - i0) {
-      case 5: micro_tile<5>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
-      case 4: micro_tile<4>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
-      case 3: micro_tile<3>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
-      case 2: micro_tile<2>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
-      case 1: micro_tile<1>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
+      case 5: micro_tile<5, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
+      case 4: micro_tile<4, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
+      case 3: micro_tile<3, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
+      case 2: micro_tile<2, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
+      case 1: micro_tile<1, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
       default: break;
     }
   }
@@ -107,12 +115,12 @@ void lanes_gemm(const float* a, int64_t a_row_stride, int64_t a_col_stride, int 
 
 void score_tile(const float* k, int64_t k_row_stride, int cols, int dim, const float* q_packed,
                 float* s) {
-  lanes_gemm(k, k_row_stride, 1, cols, dim, q_packed, s, nullptr);
+  lanes_gemm<false>(k, k_row_stride, 1, cols, dim, q_packed, s, nullptr);
 }
 
 void accumulate_pv(const float* p, int cols, const float* v, int64_t v_row_stride, int dim_v,
                    const float* corr, float* acc) {
-  lanes_gemm(v, 1, v_row_stride, dim_v, cols, p, acc, corr);
+  lanes_gemm<true>(v, 1, v_row_stride, dim_v, cols, p, acc, corr);
 }
 
 void additive_score_tile(const float* k_proj, int64_t k_row_stride, int cols, int adim,
