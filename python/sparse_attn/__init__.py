@@ -19,6 +19,7 @@ from .patterns import (
     Strided,
     Union,
 )
+from .presets import BigBird, Longformer, SparseTransformer
 from .plot import plot_pattern
 from ._info import build_info, cuda_available
 
@@ -44,4 +45,7 @@ __all__ = [
     "RandomBlocks",
     "Fixed",
     "Documents",
+    "Longformer",
+    "BigBird",
+    "SparseTransformer",
 ]
