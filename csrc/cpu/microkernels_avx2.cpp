@@ -35,22 +35,43 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lowest, _CMP_LT_OQ));
 }
 
-// c[i][0:16] (+)= sum_k a_i[k * a_col_stride] * b[k * kTileQ + 0:16] for i < R.
-// With scale != null the old c is multiplied lane-wise by scale[0:16] first (accumulate mode).
-template <int R>
+// tanh, eight lanes: the same formula as portable::tanh_approx (absolute error about 1e-7).
+inline __m256 tanh_approx(__m256 x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 ax = _mm256_andnot_ps(sign_bit, x);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_set1_ps(-2.0f), ax));
+  const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 x2 = _mm256_mul_ps(ax, ax);
+  __m256 poly = _mm256_fmadd_ps(x2, _mm256_set1_ps(-17.0f / 315.0f), _mm256_set1_ps(2.0f / 15.0f));
+  poly = _mm256_fmadd_ps(x2, poly, _mm256_set1_ps(-1.0f / 3.0f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(ax, x2), poly, ax);
+  const __m256 t = _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.0625f), _CMP_LT_OQ));
+  // copy the sign of x back; a NaN x keeps its NaN through ax and e
+  return _mm256_or_ps(t, _mm256_and_ps(sign_bit, x));
+}
+
+// c[i][0:16] = sum_k a_i[k * a_col_stride] * b[k * kTileQ + 0:16] for i < R; in accumulate mode
+// the old c, multiplied lane-wise by scale[0:16], is added. depth >= 1.
+template <int R, bool kAccumulate>
 inline void micro_tile(const float* a, int64_t a_row_stride, int64_t a_col_stride, int depth,
                        const float* b, float* c, const float* scale) {
   __m256 acc[R][2];
-  if (scale != nullptr) {
+  if constexpr (kAccumulate) {
     const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + kLanes);
     for (int i = 0; i < R; ++i) {
       acc[i][0] = _mm256_mul_ps(_mm256_loadu_ps(c + i * kTileQ), s0);
       acc[i][1] = _mm256_mul_ps(_mm256_loadu_ps(c + i * kTileQ + kLanes), s1);
     }
   } else {
-    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int i = 0; i < R; ++i) {
+      acc[i][0] = _mm256_setzero_ps();
+      acc[i][1] = _mm256_setzero_ps();
+    }
   }
-  for (int k = 0; k < depth; ++k) {
+  // depth >= 1: with a loop that may run zero times gcc kept the accumulators in memory.
+  int k = 0;
+  do {
     const __m256 b0 = _mm256_loadu_ps(b + k * kTileQ);
     const __m256 b1 = _mm256_loadu_ps(b + k * kTileQ + kLanes);
     const float* ak = a + k * a_col_stride;
@@ -59,31 +80,34 @@ inline void micro_tile(const float* a, int64_t a_row_stride, int64_t a_col_strid
       acc[i][0] = _mm256_fmadd_ps(ai, b0, acc[i][0]);
       acc[i][1] = _mm256_fmadd_ps(ai, b1, acc[i][1]);
     }
-  }
+  } while (++k < depth);
   for (int i = 0; i < R; ++i) {
     _mm256_storeu_ps(c + i * kTileQ, acc[i][0]);
     _mm256_storeu_ps(c + i * kTileQ + kLanes, acc[i][1]);
   }
 }
 
-// C[rows][kTileQ] (+)= A[rows][depth] * B[depth][kTileQ], A strided, in 6 x 16 micro-tiles.
+// C[rows][kTileQ] (+)= A[rows][depth] * B[depth][kTileQ], A strided, in 6 x 16 micro-tiles;
+// depth >= 1 (callers: the head dim, or a tile's key count).
+template <bool kAccumulate>
 void lanes_gemm(const float* a, int64_t a_row_stride, int64_t a_col_stride, int rows, int depth,
                 const float* b, float* c, const float* scale) {
   for (int n0 = 0; n0 < kTileQ; n0 += kPanel) {
-    const float* panel_scale = scale != nullptr ? scale + n0 : nullptr;
+    const float* panel_scale = kAccumulate ? scale + n0 : nullptr;
     int i0 = 0;
     for (; i0 + kMicroRows <= rows; i0 += kMicroRows) {
-      micro_tile<kMicroRows>(a + i0 * a_row_stride, a_row_stride, a_col_stride, depth, b + n0,
-                             c + i0 * kTileQ + n0, panel_scale);
+      micro_tile<kMicroRows, kAccumulate>(a + i0 * a_row_stride, a_row_stride, a_col_stride,
+                                          depth, b + n0, c + i0 * kTileQ + n0, panel_scale);
     }
     const float* ar = a + i0 * a_row_stride;
     float* cr = c + i0 * kTileQ + n0;
+    const float* bn = b + n0;
     switch (rows - i0) {
-      case 5: micro_tile<5>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
-      case 4: micro_tile<4>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
-      case 3: micro_tile<3>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
-      case 2: micro_tile<2>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
-      case 1: micro_tile<1>(ar, a_row_stride, a_col_stride, depth, b + n0, cr, panel_scale); break;
+      case 5: micro_tile<5, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
+      case 4: micro_tile<4, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
+      case 3: micro_tile<3, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
+      case 2: micro_tile<2, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
+      case 1: micro_tile<1, kAccumulate>(ar, a_row_stride, a_col_stride, depth, bn, cr, panel_scale); break;
       default: break;
     }
   }
@@ -91,12 +115,53 @@ void lanes_gemm(const float* a, int64_t a_row_stride, int64_t a_col_stride, int 
 
 void score_tile(const float* k, int64_t k_row_stride, int cols, int dim, const float* q_packed,
                 float* s) {
-  lanes_gemm(k, k_row_stride, 1, cols, dim, q_packed, s, nullptr);
+  lanes_gemm<false>(k, k_row_stride, 1, cols, dim, q_packed, s, nullptr);
 }
 
 void accumulate_pv(const float* p, int cols, const float* v, int64_t v_row_stride, int dim_v,
                    const float* corr, float* acc) {
-  lanes_gemm(v, 1, v_row_stride, dim_v, cols, p, acc, corr);
+  lanes_gemm<true>(v, 1, v_row_stride, dim_v, cols, p, acc, corr);
+}
+
+void additive_score_tile(const float* k_proj, int64_t k_row_stride, int cols, int adim,
+                         const float* qp_packed, const float* w, float* s) {
+  for (int c = 0; c < cols; ++c) {
+    const float* key = k_proj + c * k_row_stride;
+    for (int g = 0; g < kTileQ; g += kLanes) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int a = 0; a < adim; ++a) {
+        const __m256 arg = _mm256_add_ps(_mm256_loadu_ps(qp_packed + a * kTileQ + g),
+                                         _mm256_broadcast_ss(key + a));
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(w + a), tanh_approx(arg), acc);
+      }
+      _mm256_storeu_ps(s + c * kTileQ + g, acc);
+    }
+  }
+}
+
+void score_epilogue(float* s, int cols, const float* col_scale, float softcap, float alibi_slope,
+                    int64_t i0, int64_t j0) {
+  const __m256 lane_index = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  for (int c = 0; c < cols; ++c) {
+    float* lanes = s + c * kTileQ;
+    const __m256 column_scale = _mm256_set1_ps(col_scale != nullptr ? col_scale[c] : 1.0f);
+    const float offset = static_cast<float>(i0 - (j0 + c));  // i - j = offset + r
+    for (int g = 0; g < kTileQ; g += kLanes) {
+      __m256 x = _mm256_loadu_ps(lanes + g);
+      if (col_scale != nullptr) x = _mm256_mul_ps(x, column_scale);
+      if (softcap > 0.0f) {
+        x = _mm256_mul_ps(_mm256_set1_ps(softcap),
+                          tanh_approx(_mm256_mul_ps(x, _mm256_set1_ps(1.0f / softcap))));
+      }
+      if (alibi_slope != 0.0f) {
+        const __m256 distance =
+            _mm256_add_ps(_mm256_set1_ps(offset + static_cast<float>(g)), lane_index);
+        x = _mm256_fnmadd_ps(_mm256_set1_ps(alibi_slope), _mm256_andnot_ps(sign_bit, distance), x);
+      }
+      _mm256_storeu_ps(lanes + g, x);
+    }
+  }
 }
 
 void mask_tile(float* s, int cols, const uint64_t* row_bits) {
@@ -142,7 +207,8 @@ void softmax_update(float* s, int cols, float* row_max, float* row_sum, float* c
 }
 
 MicroKernels<float> make_table_f32() {
-  return {&portable::pack_q<float>, &score_tile, &mask_tile, &softmax_update, &accumulate_pv};
+  return {&portable::pack_q<float>, &score_tile,     &additive_score_tile, &score_epilogue,
+          &mask_tile,                &softmax_update, &accumulate_pv};
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 
 from ._version import __version__
 from ._args import get_num_threads, set_num_threads
-from .api import attention
+from .api import attention, attention_weights, hard_attention, merge_attention
+from .layers import MultiHeadAttention
 from .patterns import (
     BlockSparse,
     Causal,
@@ -26,6 +27,10 @@ from ._info import build_info, cuda_available
 __all__ = [
     "__version__",
     "attention",
+    "attention_weights",
+    "hard_attention",
+    "merge_attention",
+    "MultiHeadAttention",
     "build_info",
     "cuda_available",
     "get_num_threads",
