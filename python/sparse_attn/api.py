@@ -7,12 +7,18 @@ import numpy as np
 
 from . import _args, _core
 from .layout import compile_layout
-from .patterns import as_head_patterns
+from .patterns import Pattern, as_head_patterns
 
 __all__ = ["attention", "hard_attention", "attention_weights", "merge_attention"]
 
 _TILE_Q = _core.build_info()["tile_q"]
 _TILE_K = _core.build_info()["tile_k"]
+
+# Plans of plain calls (no mask, bias or score options; q, k, v used in place), keyed by the
+# arrays' shapes, strides and dtypes, the pattern and the thread count: a repeated small call
+# then skips argument normalisation and the layout lookup. Bounded; cleared when full.
+_PLAN_LIMIT = 256
+_plans: dict = {}
 
 
 class _Call:
@@ -80,6 +86,13 @@ class _Call:
         _core.forward(config, self.operands, {**self.arrays, **results}, self.layouts,
                       self.threads)
 
+    def plan(self) -> tuple:
+        """What a repeated plain call reuses: everything but the arrays themselves."""
+        p = self.problem
+        operands = {n: (None,) + tuple(op[1:]) for n, op in self.operands.items() if op}
+        return (dict(self.config, mode=_args.MODES["softmax"]), operands, dict(self.arrays),
+                self.layouts, self.dtype, p.out_shape(), p.lse_shape(), p.squeeze)
+
     def user_shape(self, shape: tuple) -> tuple:
         """Drop the head axis for callers who passed 2-D (L, D) arrays."""
         return shape[1:] if self.problem.squeeze else shape
@@ -118,10 +131,23 @@ def attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, score=
     Returns the output ``(..., Hq, Lq, Dv)``, and ``lse`` ``(..., Hq, Lq)`` (natural log of the
     softmax denominator) when ``return_lse=True``. ``out=`` is written only on success.
     """
+    plain = _is_plain(q, k, v, pattern, threads, mask, bias, scale, score, score_params,
+                      alibi_slopes, softcap, dropout_p, key_lengths, query_offset, key_offset,
+                      total_lengths, device)
+    if plain:
+        plan_key = (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides,
+                    v.dtype, pattern, threads)
+        plan = _plans.get(plan_key)
+        if plan is not None:
+            return _run_plan(plan, q, k, v, threads, return_lse, out)
     call = _Call(q, k, v, pattern, mask=mask, bias=bias, scale=scale, score=score,
                  score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap,
                  key_lengths=key_lengths, query_offset=query_offset, key_offset=key_offset,
                  total_lengths=total_lengths, device=device, threads=threads)
+    if plain and all(call.operands[n][0] is a for n, a in (("q", q), ("k", k), ("v", v))):
+        if len(_plans) >= _PLAN_LIMIT:
+            _plans.clear()
+        _plans[plan_key] = call.plan()
     call.config["dropout_p"] = _args.resolve_probability(dropout_p, "dropout_p")
     call.config["seed"] = _args.resolve_seed(seed) if call.config["dropout_p"] > 0 else 0
     p = call.problem
@@ -131,6 +157,43 @@ def attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, score=
     if result.size or (lse is not None and lse.size):
         call.run("softmax", out=result, lse=lse)
     result, lse = call.squeeze(result), call.squeeze(lse)
+    if out is not None:
+        np.copyto(out, result)
+        result = out
+    return (result, lse) if return_lse else result
+
+
+def _is_plain(q, k, v, pattern, threads, mask, bias, scale, score, score_params, alibi_slopes,
+              softcap, dropout_p, key_lengths, query_offset, key_offset, total_lengths, device):
+    """True for a call with every option at its default and ndarray inputs: one a plan can
+    serve. Types are checked exactly, so an array-valued argument never reaches ``==``."""
+    defaults = (mask, bias, scale, score_params, alibi_slopes, softcap, key_lengths,
+                total_lengths)
+    return (all(x is None for x in defaults)
+            and type(score) is str and score == "dot" and type(device) is str
+            and device == "cpu" and type(dropout_p) is float and dropout_p == 0.0
+            and type(query_offset) is int and query_offset == 0
+            and type(key_offset) is int and key_offset == 0
+            and (pattern is None or isinstance(pattern, Pattern))
+            and (threads is None or type(threads) is int)
+            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray)
+
+
+def _run_plan(plan, q, k, v, threads, return_lse, out):
+    """A plain call whose arguments were checked before: same shapes, strides, dtypes."""
+    config, operands, arrays, layouts, dtype, out_shape, lse_shape, squeeze = plan
+    user_shape = out_shape[1:] if squeeze else out_shape
+    _args.check_out(out, user_shape, dtype, {"q": q, "k": k, "v": v})
+    result = np.empty(out_shape, dtype=dtype)
+    lse = np.empty(lse_shape, dtype=dtype) if return_lse else None
+    if result.size or (lse is not None and lse.size):
+        ops = {"q": (q,) + operands["q"][1:], "k": (k,) + operands["k"][1:],
+               "v": (v,) + operands["v"][1:], "mask": None, "bias": None, "q_proj": None,
+               "k_proj": None}
+        _core.forward(config, ops, {**arrays, "out": result, "lse": lse}, layouts,
+                      _args.resolve_threads(threads))
+    if squeeze:
+        result, lse = result[0], (lse[0] if lse is not None else None)
     if out is not None:
         np.copyto(out, result)
         result = out
