@@ -16,6 +16,7 @@
 #include "core/params.h"
 #include "cpu/forward.h"
 #include "cpu/microkernels.h"
+#include "interrupt.h"
 
 namespace py = pybind11;
 #if SPARSE_ATTN_WITH_CUDA
@@ -50,9 +51,10 @@ LayoutPtr compile_layout(Int64Array nodes, const py::list& data, int64_t len_q, 
     node.data_len = 0;
     if (data[i].is_none()) continue;
     py::array arr = py::array::ensure(data[i], py::array::c_style);
-    const bool tokens = node.op == sparse_attn::Op::Global;
+    const bool tokens = sparse_attn::node_data_is_int64(node.op);
     if (!arr || arr.itemsize() != (tokens ? 8 : 1)) {
-      throw std::invalid_argument("compile_layout: node data must be int64 tokens or uint8 bits");
+      throw std::invalid_argument(
+          "compile_layout: node data must be int64 (tokens, document ends, exclusions) or uint8");
     }
     node.data = arr.data();
     node.data_len = arr.size();
@@ -76,7 +78,7 @@ py::array_t<uint8_t> dense_kinds(const Layout& layout) {
 }
 
 // An operand arrives from Python as (array, batch_offsets, stride_head, stride_row, stride_col)
-// with strides in elements, computed by api.py from the array's own strides.
+// with strides in elements, computed by _args.py from the array's own strides.
 Operand to_operand(const py::object& spec, const py::dtype& dtype, std::vector<py::object>& keep) {
   Operand op;
   if (spec.is_none()) return op;
@@ -95,53 +97,83 @@ Operand to_operand(const py::object& spec, const py::dtype& dtype, std::vector<p
   return op;
 }
 
-void forward(py::dict shape, py::object q, py::object k, py::object v, py::object mask,
-             py::object bias, py::object key_lengths, double scale, py::array out, py::object lse,
+// A result or auxiliary array: C-contiguous, of the given dtype and size; null when None.
+template <typename Pointer>
+Pointer buffer(const py::dict& d, const char* name, const py::dtype& dtype, int64_t size,
+               std::vector<py::object>& keep) {
+  if (!d.contains(name) || d[name].is_none()) return nullptr;
+  auto arr = d[name].cast<py::array>();
+  if (!arr.dtype().is(dtype) || !(arr.flags() & py::array::c_style) || arr.size() != size) {
+    throw std::invalid_argument(std::string("forward: bad array for ") + name);
+  }
+  keep.push_back(arr);
+  return static_cast<Pointer>(arr.mutable_data());
+}
+
+// Fills the parameter struct from three dicts built by api.py and runs the CPU kernels.
+void forward(const py::dict& config, const py::dict& operands, const py::dict& arrays,
              const std::vector<LayoutPtr>& layouts, int num_threads) {
   AttentionParams p;
-  const py::dtype dtype = out.dtype();
+  const py::dtype dtype(config["dtype"].cast<std::string>());
   if (dtype.is(py::dtype::of<float>())) {
     p.dtype = sparse_attn::DType::Float32;
   } else if (dtype.is(py::dtype::of<double>())) {
     p.dtype = sparse_attn::DType::Float64;
   } else {
-    throw std::invalid_argument("forward: out must be float32 or float64");
+    throw std::invalid_argument("forward: dtype must be float32 or float64");
   }
-  p.batch = shape["batch"].cast<int64_t>();
-  p.heads_q = shape["heads_q"].cast<int64_t>();
-  p.heads_kv = shape["heads_kv"].cast<int64_t>();
-  p.len_q = shape["len_q"].cast<int64_t>();
-  p.len_k = shape["len_k"].cast<int64_t>();
-  p.dim_qk = shape["dim_qk"].cast<int64_t>();
-  p.dim_v = shape["dim_v"].cast<int64_t>();
+  p.mode = static_cast<sparse_attn::Mode>(config["mode"].cast<int>());
+  p.score = static_cast<sparse_attn::ScoreKind>(config["score"].cast<int>());
+  for (const char* key : {"batch", "heads_q", "heads_kv", "len_q", "len_k", "dim_qk", "dim_v"}) {
+    if (!config.contains(key)) throw std::invalid_argument(std::string("forward: missing ") + key);
+  }
+  p.batch = config["batch"].cast<int64_t>();
+  p.heads_q = config["heads_q"].cast<int64_t>();
+  p.heads_kv = config["heads_kv"].cast<int64_t>();
+  p.len_q = config["len_q"].cast<int64_t>();
+  p.len_k = config["len_k"].cast<int64_t>();
+  p.dim_qk = config["dim_qk"].cast<int64_t>();
+  p.dim_v = config["dim_v"].cast<int64_t>();
+  p.q0 = config["q0"].cast<int64_t>();
+  p.k0 = config["k0"].cast<int64_t>();
+  p.scale = config["scale"].cast<double>();
+  p.softcap = config["softcap"].cast<double>();
+  p.dropout_p = config["dropout_p"].cast<double>();
+  p.sample = config["sample"].cast<bool>();
+  p.temperature = config["temperature"].cast<double>();
+  p.seed = config["seed"].cast<uint64_t>();
+  p.additive_dim = config["additive_dim"].cast<int64_t>();
+
   std::vector<py::object> keep;
-  p.q = to_operand(q, dtype, keep);
-  p.k = to_operand(k, dtype, keep);
-  p.v = to_operand(v, dtype, keep);
-  p.mask = to_operand(mask, py::dtype::of<uint8_t>(), keep);
-  p.bias = to_operand(bias, dtype, keep);
-  if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1) {
-    throw std::invalid_argument("forward: q, k, v need unit column stride");
+  const auto u8 = py::dtype::of<uint8_t>();
+  const auto i64 = py::dtype::of<int64_t>();
+  const auto f64 = py::dtype::of<double>();
+  p.q = to_operand(operands["q"], dtype, keep);
+  p.k = to_operand(operands["k"], dtype, keep);
+  p.v = to_operand(operands["v"], dtype, keep);
+  p.mask = to_operand(operands["mask"], u8, keep);
+  p.bias = to_operand(operands["bias"], dtype, keep);
+  p.q_proj = to_operand(operands["q_proj"], dtype, keep);
+  p.k_proj = to_operand(operands["k_proj"], dtype, keep);
+  if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1 ||
+      p.q_proj.stride_col != 1 || p.k_proj.stride_col != 1) {
+    throw std::invalid_argument("forward: q, k, v and projections need unit column stride");
   }
-  Int64Array lengths;
-  if (!key_lengths.is_none()) {
-    lengths = key_lengths.cast<Int64Array>();
-    if (lengths.size() != p.batch) throw std::invalid_argument("forward: key_lengths size");
-    p.key_lengths = lengths.data();
-  }
-  if (!(out.flags() & py::array::c_style) || !out.writeable() ||
-      out.size() != p.batch * p.heads_q * p.len_q * p.dim_v) {
-    throw std::invalid_argument("forward: out must be a writeable C-contiguous result array");
-  }
-  p.out = out.mutable_data();
-  py::array lse_arr;
-  if (!lse.is_none()) {
-    lse_arr = lse.cast<py::array>();
-    if (!lse_arr.dtype().is(dtype) || !(lse_arr.flags() & py::array::c_style) ||
-        lse_arr.size() != p.batch * p.heads_q * p.len_q) {
-      throw std::invalid_argument("forward: lse must be a C-contiguous result array");
-    }
-    p.lse = lse_arr.mutable_data();
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  p.key_lengths = buffer<const int64_t*>(arrays, "key_lengths", i64, p.batch, keep);
+  p.alibi_slopes = buffer<const double*>(arrays, "alibi_slopes", f64, p.heads_q, keep);
+  p.additive_w = buffer<const void*>(arrays, "additive_w", dtype, p.additive_dim, keep);
+  p.out = buffer<void*>(arrays, "out", dtype, rows * p.dim_v, keep);
+  p.lse = buffer<void*>(arrays, "lse", dtype, rows, keep);
+  p.index = buffer<int64_t*>(arrays, "index", i64, rows, keep);
+  p.row_counts = buffer<int64_t*>(arrays, "row_counts", i64, rows, keep);
+  p.csr_row_ptr = buffer<const int64_t*>(arrays, "csr_row_ptr", i64, rows + 1, keep);
+  if (p.csr_row_ptr != nullptr) {
+    const int64_t nnz = p.csr_row_ptr[rows];
+    p.csr_col_index = buffer<int64_t*>(arrays, "csr_col_index", i64, nnz, keep);
+    p.weights = buffer<void*>(arrays, "weights", dtype, nnz, keep);
+  } else {
+    p.weights = buffer<void*>(arrays, "weights", dtype, rows * p.len_k, keep);
   }
   if (static_cast<int64_t>(layouts.size()) != p.heads_q) {
     throw std::invalid_argument("forward: one layout per query head is required");
@@ -149,10 +181,22 @@ void forward(py::dict shape, py::object q, py::object k, py::object v, py::objec
   std::vector<const Layout*> raw(layouts.size());
   for (size_t h = 0; h < layouts.size(); ++h) raw[h] = layouts[h].get();
   p.layouts = raw.data();
-  p.scale = scale;
   p.num_threads = num_threads;
-  py::gil_scoped_release release;
-  sparse_attn::cpu::forward(p);
+
+  bool interrupted = false;
+  {
+    sparse_attn::InterruptScope interrupt;
+    p.cancel = interrupt.cancel();
+    py::gil_scoped_release release;
+    sparse_attn::cpu::forward(p);
+    interrupted = interrupt.interrupted();
+  }
+  if (interrupted) {  // hand the signal to Python's handler; the result is incomplete anyway
+    PyErr_SetInterrupt();
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    PyErr_SetNone(PyExc_KeyboardInterrupt);
+    throw py::error_already_set();
+  }
 }
 
 py::dict build_info() {
@@ -180,6 +224,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "sparse_attn compiled core (private: import sparse_attn instead)";
+  sparse_attn::InterruptScope::remember_main_thread();
   // pybind11 maps std::invalid_argument to ValueError and std::bad_alloc to MemoryError.
   py::class_<Layout, LayoutPtr>(m, "Layout")
       .def_property_readonly("num_q_tiles", &Layout::num_q_tiles)

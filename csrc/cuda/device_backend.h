@@ -97,7 +97,7 @@ class DeviceLayoutCopy {
     for (PatternNode& node : nodes) {  // node data moves to the device, pointers follow
       if (node.data_len == 0 || node.data == nullptr) continue;
       const size_t bytes = static_cast<size_t>(node.data_len) *
-                           (node.op == Op::Global ? sizeof(int64_t) : sizeof(uint8_t));
+                           (node_data_is_int64(node.op) ? sizeof(int64_t) : sizeof(uint8_t));
       keep(DeviceBuffer::from_host(rt, static_cast<const uint8_t*>(node.data), bytes));
       node.data = reinterpret_cast<const void*>(buffers_.back()->ptr());
     }

@@ -2,25 +2,35 @@
 
 from ._version import __version__
 from ._args import get_num_threads, set_num_threads
-from .api import attention
+from .api import attention, attention_weights, hard_attention, merge_attention
+from .layers import MultiHeadAttention
 from .patterns import (
     BlockSparse,
     Causal,
     Dense,
+    Documents,
+    Fixed,
     Global,
     Intersection,
     Mask,
     Pattern,
+    Random,
+    RandomBlocks,
     SlidingWindow,
     Strided,
     Union,
 )
+from .presets import BigBird, Longformer, SparseTransformer
 from .plot import plot_pattern
 from ._info import build_info, cuda_available
 
 __all__ = [
     "__version__",
     "attention",
+    "attention_weights",
+    "hard_attention",
+    "merge_attention",
+    "MultiHeadAttention",
     "build_info",
     "cuda_available",
     "get_num_threads",
@@ -36,4 +46,11 @@ __all__ = [
     "Mask",
     "Union",
     "Intersection",
+    "Random",
+    "RandomBlocks",
+    "Fixed",
+    "Documents",
+    "Longformer",
+    "BigBird",
+    "SparseTransformer",
 ]

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _args, _core
+from .layout import compile_layout
+from .patterns import as_head_patterns
 
 GPU_DTYPES = ("float32", "float16", "bfloat16")
+_TILE = 64  # the CUDA kernels' query and key tile: csrc/cuda/forward_params.h
 
 # DLPack device types (dlpack.h) that CUDA kernels can read.
 _DL_CUDA, _DL_CUDA_MANAGED = 2, 13
@@ -70,19 +73,51 @@ def cuda_available() -> bool:
     return unavailable_reason() is None
 
 
-def select(device: str, q) -> str:
-    """'cpu' or 'cuda' for a validated ``device`` argument ('cpu', 'cuda' or 'auto')."""
+def gpu_unsupported(*, score="dot", alibi_slopes=None, softcap=None, dropout_p=0.0,
+                    query_offset=0, key_offset=0, total_lengths=None) -> list:
+    """The options in use that the CUDA kernels do not implement (yet)."""
+    used = {
+        "score": not (isinstance(score, str) and score == "dot"),
+        "alibi_slopes": alibi_slopes is not None,
+        "softcap": softcap is not None,
+        "dropout_p": not (isinstance(dropout_p, (int, float)) and dropout_p == 0),
+        "query_offset": not (isinstance(query_offset, int) and query_offset == 0),
+        "key_offset": not (isinstance(key_offset, int) and key_offset == 0),
+        "total_lengths": total_lengths is not None,
+    }
+    return [name for name, in_use in used.items() if in_use]
+
+
+def select(device: str, q, unsupported=()) -> str:
+    """'cpu' or 'cuda' for a validated ``device`` argument ('cpu', 'cuda' or 'auto');
+    ``unsupported`` names the options of the call that only the CPU implements."""
     if device == "cuda":
         why = unavailable_reason()
         if why is not None:
             raise RuntimeError(f"device='cuda' cannot be used: {why}")
+        if unsupported:
+            raise NotImplementedError(
+                f"device='cuda' does not implement {', '.join(unsupported)} yet; use "
+                "device='cpu', or device='auto' (which computes such calls on the CPU)"
+            )
         return "cuda"
     if device == "auto":
-        if not cuda_available():
+        if unsupported or not cuda_available():
             return "cpu"
         # float64 is computed on the CPU; arrays already on a GPU stay there.
         return "cuda" if _is_device_array(q) or _dtype_name(q) in GPU_DTYPES else "cpu"
     return "cpu"
+
+
+def require_cpu(device: str) -> None:
+    """For the functions only the CPU implements: device='cuda' is refused (with the reason
+    when no GPU is usable at all); 'auto' and 'cpu' compute on the CPU."""
+    if device == "cuda":
+        why = unavailable_reason()
+        if why is not None:
+            raise RuntimeError(f"device='cuda' cannot be used: {why}")
+        raise NotImplementedError(
+            "this function has no GPU implementation yet; use device='cpu' or 'auto'")
 
 
 def _dtype_name(x) -> str | None:
@@ -341,10 +376,17 @@ def _device_layouts(backend, device: int, handles: list) -> list:
 # ---- the attention call -------------------------------------------------------------------------
 
 
-def attention(q, k, v, pattern, *, mask, bias, scale, key_lengths, return_lse, out,
-              head_layouts):
-    """``sparse_attn.attention`` on the GPU (see its docstring); ``head_layouts(pattern,
-    problem)`` gives the compiled layout handles, one per query head."""
+def _head_layouts(pattern, problem) -> list:
+    """The compiled layout handle of each query head (layouts shared by equal patterns)."""
+    compiled = {}
+    for head in as_head_patterns(pattern, problem.heads_q):
+        if head not in compiled:
+            compiled[head] = compile_layout(head, problem.len_q, problem.len_k, _TILE, _TILE)
+    return [compiled[head].handle for head in as_head_patterns(pattern, problem.heads_q)]
+
+
+def attention(q, k, v, pattern, *, mask, bias, scale, key_lengths, return_lse, out):
+    """``sparse_attn.attention`` on the GPU (see its docstring)."""
     backend = _backend()
     named = {"q": q, "k": k, "v": v}
     template = next((x for x in named.values() if _is_device_array(x)), None)
@@ -370,7 +412,7 @@ def attention(q, k, v, pattern, *, mask, bias, scale, key_lengths, return_lse, o
               for n, a in views.items()}
     problem = _args.problem_shape(shapes["q"], shapes["k"], shapes["v"])
     scale_value = _args.resolve_scale(scale, problem.dim_qk)
-    handles = head_layouts(pattern, problem)
+    handles = _head_layouts(pattern, problem)
     out_shape, lse_shape = problem.out_shape(), problem.lse_shape()
     user_shape = out_shape[1:] if problem.squeeze else out_shape
     user_lse_shape = lse_shape[1:] if problem.squeeze else lse_shape

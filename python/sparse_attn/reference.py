@@ -13,7 +13,35 @@ import numpy as np
 
 from .patterns import as_head_patterns
 
-__all__ = ["allowed_mask", "attention", "softmax_weights"]
+__all__ = ["allowed_mask", "attention", "dropout_keep", "hard_attention", "softmax_weights"]
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic), as in csrc/core/random.h."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def dropout_keep(seed: int, dropout_p: float, batch_shape: tuple, heads: int, Lq: int, Lk: int,
+                 query_offset: int = 0, key_offset: int = 0) -> np.ndarray:
+    """The kept (query, key) pairs of ``attention(..., dropout_p, seed)``: bool array
+    ``batch_shape + (heads, Lq, Lk)``. The draw for (flattened batch b, query head h, absolute
+    i, j) is ``mix(mix(mix(mix(mix(seed ^ 3 << 56) ^ b) ^ h) ^ i) ^ j)``; its top 24 bits as a
+    uniform u in [0, 1) keep the pair iff u >= dropout_p."""
+    batch = int(np.prod(batch_shape, dtype=np.int64))
+    b = np.arange(batch, dtype=np.uint64)[:, None, None, None]
+    h = np.arange(heads, dtype=np.uint64)[None, :, None, None]
+    i = (query_offset + np.arange(Lq, dtype=np.uint64))[None, None, :, None]
+    j = (key_offset + np.arange(Lk, dtype=np.uint64))[None, None, None, :]
+    x = _mix64(np.uint64(seed) ^ (np.uint64(3) << np.uint64(56)))
+    x = _mix64(_mix64(_mix64(_mix64(x ^ b) ^ h) ^ i) ^ j)
+    u = (x >> np.uint64(40)).astype(np.float64) / 16777216.0
+    return (u >= np.float32(dropout_p)).reshape(tuple(batch_shape) + (heads, Lq, Lk))
 
 
 def allowed_mask(pattern, Lq: int, Lk: int, num_heads: int) -> np.ndarray:
@@ -30,10 +58,29 @@ def _as_heads(x, name: str) -> np.ndarray:
     return x[None] if x.ndim == 2 else x
 
 
-def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=()):
+def _raw_scores(q, k, score, score_params):
+    """score(q, k) before scale: dot products, cosine similarities or Bahdanau's additive score."""
+    if score == "dot":
+        return q @ np.swapaxes(k, -1, -2)
+    if score == "cosine":
+        qn, kn = np.linalg.norm(q, axis=-1), np.linalg.norm(k, axis=-1)
+        qn, kn = np.where(qn > 0, qn, np.inf), np.where(kn > 0, kn, np.inf)  # zero vector: 0
+        return (q / qn[..., None]) @ np.swapaxes(k / kn[..., None], -1, -2)
+    if score == "additive":
+        wq, wk, w = (np.asarray(score_params[n], dtype=np.float64) for n in ("wq", "wk", "w"))
+        qp, kp = q @ wq, k @ wk  # (..., Lq, A), (..., Lk, A)
+        return np.tanh(qp[..., :, None, :] + kp[..., None, :, :]) @ w
+    raise ValueError(f"unknown score {score!r}")
+
+
+def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=(), *,
+                        score="dot", score_params=None, softcap=None, alibi_slopes=None,
+                        query_offset=0, key_offset=0):
     """Scores (..., Hq, Lq, Lk) and the allowed pairs, both at the full broadcast shape.
 
     The leading shape broadcasts those of ``q``, ``k`` and ``lead`` (the leading shape of ``v``).
+    Scores are ``softcap(scale * score(q, k)) + bias - slope_h * |i - j|`` with absolute
+    positions ``i = query_offset + row``, ``j = key_offset + column``.
     """
     q, k = _as_heads(q, "q"), _as_heads(k, "k")
     (Hq, Lq, D), (Hkv, Lk, Dk) = q.shape[-3:], k.shape[-3:]
@@ -41,6 +88,8 @@ def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=()):
         raise ValueError(f"q and k must share the head dimension, got q {q.shape}, k {k.shape}")
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if scale is None and score != "dot":
+        scale = 1.0
     if scale is None:
         if D == 0:
             raise ValueError("the default scale 1/sqrt(D) needs a head dimension D >= 1")
@@ -50,11 +99,21 @@ def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=()):
     k = np.repeat(k, Hq // Hkv, axis=-3)
     batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], lead)
     shape = (*batch, Hq, Lq, Lk)
-    scores = np.broadcast_to(scale * (q @ np.swapaxes(k, -1, -2)), shape)
+    scores = scale * _raw_scores(q, k, score, score_params)
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
+    scores = np.broadcast_to(scores, shape)
     if bias is not None:
         scores = scores + np.broadcast_to(np.asarray(bias, dtype=np.float64), shape)
+    i = query_offset + np.arange(Lq)[:, None]
+    j = key_offset + np.arange(Lk)[None, :]
+    if alibi_slopes is not None:
+        slopes = np.asarray(alibi_slopes, dtype=np.float64)[:, None, None]
+        scores = scores - slopes * np.abs(i - j)
 
-    allowed = np.broadcast_to(allowed_mask(pattern, Lq, Lk, Hq), shape)
+    total_q, total_k = query_offset + Lq, key_offset + Lk
+    full = allowed_mask(pattern, total_q, total_k, Hq)
+    allowed = np.broadcast_to(full[:, query_offset:, key_offset:], shape)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.dtype != np.bool_:
@@ -65,7 +124,7 @@ def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=()):
         if key_lengths.dtype.kind not in "iu":
             raise TypeError(f"key_lengths must be ints, got {key_lengths.dtype}")
         lengths = np.broadcast_to(key_lengths, batch)[..., None, None, None]
-        allowed = allowed & (np.arange(Lk) < lengths)
+        allowed = allowed & (j < lengths)
     return scores, allowed
 
 
@@ -87,14 +146,38 @@ def _softmax(scores: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def softmax_weights(
-    q, k, pattern=None, *, mask=None, bias=None, scale=None, key_lengths=None
+    q, k, pattern=None, *, mask=None, bias=None, scale=None, key_lengths=None, **variants
 ) -> np.ndarray:
     """The normalised attention probabilities (..., Hq, Lq, Lk); rows with no allowed key are 0.
 
     Arguments as for ``attention``.
     """
-    probs, _ = _softmax(*_scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths))
+    probs, _ = _softmax(
+        *_scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, **variants)
+    )
     return probs
+
+
+def hard_attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, key_lengths=None,
+                   **variants):
+    """Argmax hard attention: (out, idx), idx the allowed key of largest score (ties: the lowest
+    index), -1 and a zero output for a row with no allowed key."""
+    one_head = np.ndim(q) == 2
+    q, k, v = _as_heads(q, "q"), _as_heads(k, "k"), _as_heads(v, "v")
+    scores, allowed = _scores_and_allowed(
+        q, k, pattern, mask, bias, scale, key_lengths, lead=v.shape[:-3], **variants
+    )
+    masked = np.where(allowed, scores, -np.inf)
+    idx = np.argmax(masked, axis=-1)  # the first maximum: the lowest index
+    empty = ~np.any(allowed & (masked > -np.inf), axis=-1)
+    idx = np.where(empty, -1, idx)
+    values = np.broadcast_to(np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3),
+                             idx.shape[:-1] + v.shape[-2:])
+    out = np.take_along_axis(values, np.maximum(idx, 0)[..., None], axis=-2)
+    out = np.where(empty[..., None], 0.0, out)
+    if one_head and out.ndim == 3:
+        out, idx = out[0], idx[0]
+    return out, idx
 
 
 def attention(
@@ -108,6 +191,9 @@ def attention(
     scale=None,
     key_lengths=None,
     return_lse=False,
+    dropout_keep=None,
+    dropout_p=0.0,
+    **variants,
 ):
     """Masked softmax attention in float64.
 
@@ -122,15 +208,22 @@ def attention(
 
     Returns the output (..., Hq, Lq, Dv), and with ``return_lse`` also the natural log-sum-exp of
     the allowed scores (..., Hq, Lq). Rows with no allowed key give 0 and lse -inf.
+
+    ``variants``: ``score`` ("dot", "cosine", "additive" with ``score_params``), ``softcap``,
+    ``alibi_slopes``, ``query_offset``, ``key_offset`` as in ``sparse_attn.attention``.
+    ``dropout_keep`` (bool, broadcastable to (..., Hq, Lq, Lk)) with ``dropout_p``: probabilities
+    outside it are dropped and the kept ones scaled by 1 / (1 - dropout_p); lse is undropped.
     """
     one_head = np.ndim(q) == 2
     q, k, v = _as_heads(q, "q"), _as_heads(k, "k"), _as_heads(v, "v")
     if v.shape[-3:-1] != k.shape[-3:-1]:
         raise ValueError(f"v must have the heads and length of k, got k {k.shape}, v {v.shape}")
     scores, allowed = _scores_and_allowed(
-        q, k, pattern, mask, bias, scale, key_lengths, lead=v.shape[:-3]
+        q, k, pattern, mask, bias, scale, key_lengths, lead=v.shape[:-3], **variants
     )
     probs, lse = _softmax(scores, allowed)
+    if dropout_keep is not None:
+        probs = np.where(dropout_keep, probs / (1.0 - dropout_p), 0.0)
     out = probs @ np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3)
 
     if one_head and out.ndim == 3:  # a 2-D q with no leading dimensions from k or v
