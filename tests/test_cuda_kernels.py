@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -26,7 +26,8 @@ from sparse_attn import _cuda_emu as emu
 
 ORDERS = ("forward", "reverse", "shuffled")
 KINDS = ("none", "dense", "causal", "window", "strided", "global", "block", "mask", "union",
-         "intersection", "per_head")
+         "intersection", "per_head", "random", "random_blocks", "fixed", "documents",
+         "longformer", "bigbird", "sparse_transformer")
 LENGTHS = (1, 2, 5, 17, 63, 64, 65, 100, 129, 200)
 HEAD_DIMS = (1, 3, 8, 16, 31, 32, 33, 64, 65, 80)
 VALUE_DIMS = (1, 5, 16, 64, 65, 100, 128, 130, 200)
@@ -35,6 +36,7 @@ VALUE_DIMS = (1, 5, 16, 64, 65, 100, 128, 130, 200)
 REL_TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 8e-3}
 LSE_TOL = 1e-4
 NUM_RANDOM_CASES = 330
+NUM_HARD_CASES = 72
 WORK_BUDGET = 4e6  # batch * Hq * Lq * Lk * (D + Dv) per case: the emulator runs in milliseconds
 
 WORST = {name: 0.0 for name in REL_TOL} | {"lse": 0.0, "cases": 0}
@@ -59,7 +61,8 @@ def np_dtype(name: str) -> np.dtype:
 
 
 def random_primitive(rng, Lq: int, Lk: int) -> sa.Pattern:
-    kind = rng.choice(["causal", "window", "strided", "global", "block", "mask", "dense"])
+    kind = rng.choice(["causal", "window", "strided", "global", "block", "mask", "dense",
+                       "random", "random_blocks", "fixed", "documents"])
     return random_pattern(rng, str(kind), Lq, Lk, 1)
 
 
@@ -92,6 +95,32 @@ def random_pattern(rng, kind: str, Lq: int, Lk: int, Hq: int):
         return random_primitive(rng, Lq, Lk) | random_primitive(rng, Lq, Lk)
     if kind == "intersection":
         return random_primitive(rng, Lq, Lk) & random_primitive(rng, Lq, Lk)
+    if kind == "random":
+        return sa.Random(int(rng.integers(1, 65)), int(rng.integers(0, 2**40)))
+    if kind == "random_blocks":
+        block = int(rng.choice([3, 16, 64]))
+        radius = None if rng.random() < 0.5 else int(rng.integers(0, 3))
+        return sa.RandomBlocks(int(rng.integers(1, 5)), block, int(rng.integers(0, 1000)),
+                               exclude_first=int(rng.integers(0, 3)), exclude_radius=radius)
+    if kind == "fixed":
+        block = int(rng.integers(1, 80))
+        return sa.Fixed(block, int(rng.integers(0, block + 1)))
+    if kind == "documents":
+        return sa.Documents(rng.integers(0, 60, size=int(rng.integers(1, 8))))
+    if kind == "longformer":
+        tokens = sorted({int(t) for t in rng.choice(n, size=min(2, n), replace=False)})
+        return sa.Longformer(2 * int(rng.integers(0, 40)), tokens,
+                             dilation=int(rng.integers(1, 4)))
+    if kind == "bigbird":
+        return sa.BigBird(int(rng.choice([8, 16, 32])), window_blocks=int(rng.choice([1, 3])),
+                          global_blocks=int(rng.integers(0, 3)),
+                          random_blocks=int(rng.integers(0, 4)), seed=int(rng.integers(100)))
+    if kind == "sparse_transformer":
+        if rng.random() < 0.5:
+            return sa.SparseTransformer("strided", int(rng.integers(1, 40)),
+                                        causal=bool(rng.random() < 0.7))
+        stride = int(rng.integers(1, 40))
+        return sa.SparseTransformer("fixed", stride, summary=int(rng.integers(0, stride + 1)))
     if kind == "per_head":
         if rng.random() < 0.5:
             block = int(rng.choice([16, 64]))
@@ -137,20 +166,28 @@ class Case:
     bias: np.ndarray | None
     key_lengths: np.ndarray | None
     scale: float | None
+    variants: dict = field(default_factory=dict)  # score, softcap, alibi_slopes, offsets
+    dropout: tuple = (0.0, 0)  # (dropout_p, seed)
 
     def describe(self) -> str:
         return (f"seed={self.seed} kind={self.kind} dtype={self.dtype} order={self.order} "
                 f"q{self.q.shape} k{self.k.shape} v{self.v.shape} pattern={self.pattern!r} "
                 f"mask={None if self.mask is None else self.mask.shape} "
                 f"bias={None if self.bias is None else self.bias.shape} "
-                f"key_lengths={self.key_lengths} scale={self.scale}")
+                f"key_lengths={self.key_lengths} scale={self.scale} variants={self.variants} "
+                f"dropout={self.dropout}")
+
+    def options(self) -> dict:
+        """The keyword arguments of sparse_attn.attention / hard_attention for this case."""
+        return dict(mask=self.mask, bias=self.bias, scale=self.scale,
+                    key_lengths=self.key_lengths, **self.variants)
 
 
 def random_case(seed: int, kind: str | None = None, dtype: str | None = None) -> Case:
     rng = np.random.default_rng(seed)
     kind = kind or KINDS[seed % len(KINDS)]
     dtype = dtype or str(rng.choice(["float32"] * 3 + ["float16"] * 2 + ["bfloat16"]))
-    order = ORDERS[seed % len(ORDERS)]
+    order = ORDERS[(seed // len(KINDS)) % len(ORDERS)]
     while True:
         batch = [(), (1,), (2,), (3,), (2, 2)][int(rng.integers(5))]
         heads_kv, group = int(rng.choice([1, 2])), int(rng.choice([1, 2, 3]))
@@ -184,24 +221,58 @@ def random_case(seed: int, kind: str | None = None, dtype: str | None = None) ->
     if batch and rng.random() < 0.4:
         key_lengths = rng.integers(0, Lk + 1, size=batch)
     scale = None if rng.random() < 0.5 else float(rng.uniform(0.05, 1.0))
-    pattern = random_pattern(rng, kind, Lq, Lk, heads_q)
-    return Case(seed, kind, dtype, order, q, k, v, pattern, mask, bias, key_lengths, scale)
+    variants = {}
+    if rng.random() < 0.2:
+        variants["score"] = "cosine"
+        scale = None if rng.random() < 0.5 else float(rng.uniform(1.0, 8.0))
+    if rng.random() < 0.2:
+        variants["softcap"] = float(rng.uniform(0.5, 5.0))
+    if rng.random() < 0.2:
+        variants["alibi_slopes"] = rng.uniform(0.0, 0.5, size=heads_q)
+    if rng.random() < 0.15:
+        variants["query_offset"] = int(rng.integers(0, 100))
+        variants["key_offset"] = int(rng.integers(0, 100))
+        if key_lengths is not None:
+            key_lengths = key_lengths + variants["key_offset"]  # key_lengths are absolute
+    dropout = (float(rng.uniform(0.1, 0.6)), int(rng.integers(2**62))) \
+        if rng.random() < 0.15 else (0.0, 0)
+    total = (variants.get("query_offset", 0) + Lq, variants.get("key_offset", 0) + Lk)
+    pattern = random_pattern(rng, kind, *total, heads_q)  # patterns see absolute positions
+    return Case(seed, kind, dtype, order, q, k, v, pattern, mask, bias, key_lengths, scale,
+                variants, dropout)
+
+
+def call(case: Case):
+    return sa.attention(case.q, case.k, case.v, case.pattern, return_lse=True, device="cuda",
+                        dropout_p=case.dropout[0], seed=case.dropout[1], **case.options())
 
 
 def run_case(case: Case):
     emu.set_schedule(case.order, case.seed)
-    return sa.attention(case.q, case.k, case.v, case.pattern, mask=case.mask, bias=case.bias,
-                        scale=case.scale, key_lengths=case.key_lengths, return_lse=True,
-                        device="cuda")
+    return call(case)
+
+
+def reference_inputs(case: Case) -> tuple[dict, dict]:
+    """q, k, v in float64 (from the rounded inputs) and the reference's keyword arguments."""
+    f64 = {n: getattr(case, n).astype(np.float64) for n in ("q", "k", "v")}
+    options = case.options()
+    if case.bias is not None:  # the kernels add the bias in the input dtype
+        options["bias"] = case.bias.astype(np_dtype(case.dtype)).astype(np.float64)
+    return f64, options
 
 
 def check_case(case: Case, out, lse) -> float:
     """Asserts the result matches the float64 reference on the same inputs; returns the error."""
-    f64 = {n: getattr(case, n).astype(np.float64) for n in ("q", "k", "v")}
-    bias = None if case.bias is None else case.bias.astype(np_dtype(case.dtype)).astype(np.float64)
+    f64, options = reference_inputs(case)
+    keep = None
+    if case.dropout[0] > 0:
+        p = sa._args.problem_shape(case.q, case.k, case.v)
+        keep = reference.dropout_keep(case.dropout[1], case.dropout[0], p.batch_shape, p.heads_q,
+                                      p.len_q, p.len_k, case.variants.get("query_offset", 0),
+                                      case.variants.get("key_offset", 0))
     ref_out, ref_lse = reference.attention(
-        f64["q"], f64["k"], f64["v"], case.pattern, mask=case.mask, bias=bias, scale=case.scale,
-        key_lengths=case.key_lengths, return_lse=True)
+        f64["q"], f64["k"], f64["v"], case.pattern, return_lse=True, dropout_keep=keep,
+        dropout_p=case.dropout[0], **options)
     what = case.describe()
     assert out.dtype == case.q.dtype, what
     assert lse.dtype == np.float32, what
@@ -229,6 +300,47 @@ def check_case(case: Case, out, lse) -> float:
 def test_random_case(seed):
     case = random_case(seed)
     check_case(case, *run_case(case))
+
+
+@pytest.mark.parametrize("seed", range(NUM_HARD_CASES))
+def test_random_hard_case(seed):
+    """Hard attention: argmax against the reference (up to rounding ties), Gumbel-max samples
+    against the CPU's (the same draws), and out = v[index] exactly."""
+    case = random_case(50_000 + seed)
+    case.dropout = (0.0, 0)
+    sample = seed % 3 == 0
+    emu.set_schedule(case.order, case.seed)
+    out, index = sa.hard_attention(case.q, case.k, case.v, case.pattern, sample=sample,
+                                   temperature=0.7, seed=seed, device="cuda", **case.options())
+    what = case.describe() + f" sample={sample}"
+    f64, options = reference_inputs(case)
+    scores, allowed = reference._scores_and_allowed(
+        f64["q"], f64["k"], case.pattern, options.pop("mask"), options.pop("bias"),
+        options.pop("scale"), options.pop("key_lengths"), lead=f64["v"].shape[:-3], **options)
+    masked = np.where(allowed, scores, -np.inf)
+    assert index.dtype == np.int64 and out.dtype == case.q.dtype, what
+    idx = index.reshape(masked.shape[:-1])
+    empty = ~np.any(masked > -np.inf, axis=-1)
+    np.testing.assert_array_equal(idx == -1, empty, err_msg=what)
+    chosen = np.take_along_axis(masked, np.maximum(idx, 0)[..., None], axis=-1)[..., 0]
+    assert np.all(chosen[~empty] > -np.inf), what  # only allowed keys are chosen
+    if not sample:
+        best = masked.max(axis=-1, initial=-np.inf)
+        tie = 1e-5 * (1.0 + np.abs(best))
+        assert np.all(chosen[~empty] >= best[~empty] - tie[~empty]), what
+    elif case.dtype == "float32":
+        _, cpu_index = sa.hard_attention(case.q, case.k, case.v, case.pattern, sample=True,
+                                         temperature=0.7, seed=seed, device="cpu",
+                                         **case.options())
+        assert np.mean(cpu_index != index) < 1e-3, what  # the same draws; rounding ties aside
+    v3 = f64["v"] if f64["v"].ndim > 2 else f64["v"][None]
+    heads_q = masked.shape[-3]
+    values = np.broadcast_to(np.repeat(v3, heads_q // v3.shape[-3], axis=-3),
+                             masked.shape[:-2] + v3.shape[-2:])
+    expected = np.take_along_axis(values, np.maximum(idx, 0)[..., None], axis=-2)
+    expected[empty] = 0
+    np.testing.assert_array_equal(out.astype(np.float64).reshape(expected.shape), expected,
+                                  err_msg=what)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -260,10 +372,7 @@ def test_ucontext_switcher_gives_the_same_result():
     case = random_case(77, kind="causal", dtype="float32")
     expected = run_case(case)
     emu.set_schedule("reverse", 0, "ucontext")
-    got = sa.attention(case.q, case.k, case.v, case.pattern, mask=case.mask, bias=case.bias,
-                       scale=case.scale, key_lengths=case.key_lengths, return_lse=True,
-                       device="cuda")
-    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(call(case)[0], expected[0])
 
 
 @pytest.mark.parametrize("Dv", [1, 64, 65, 128, 129, 300])
@@ -311,6 +420,41 @@ def test_float64_is_refused_on_the_gpu_and_computed_on_the_cpu_by_auto():
         sa.attention(q, q, q, device="cuda")
     np.testing.assert_array_equal(sa.attention(q, q, q, device="auto"),
                                   sa.attention(q, q, q, device="cpu"))
+
+
+def test_what_only_the_cpu_implements():
+    rng = np.random.default_rng(9)
+    q = rng.standard_normal((2, 20, 8)).astype(np.float32)
+    params = {"wq": rng.standard_normal((8, 5)), "wk": rng.standard_normal((8, 5)),
+              "w": rng.standard_normal(5)}
+    with pytest.raises(NotImplementedError, match="additive"):
+        sa.attention(q, q, q, score="additive", score_params=params, device="cuda")
+    np.testing.assert_array_equal(
+        sa.attention(q, q, q, score="additive", score_params=params, device="auto"),
+        sa.attention(q, q, q, score="additive", score_params=params, device="cpu"))
+    with pytest.raises(NotImplementedError, match="no GPU implementation"):
+        sa.attention_weights(q, q, device="cuda")
+    np.testing.assert_array_equal(sa.attention_weights(q, q, device="auto"),
+                                  sa.attention_weights(q, q, device="cpu"))
+
+
+def test_gpu_and_cpu_draw_the_same_dropout_and_samples():
+    rng = np.random.default_rng(10)
+    q = rng.standard_normal((2, 3, 90, 16)).astype(np.float32)
+    kv = rng.standard_normal((2, 3, 150, 16)).astype(np.float32)
+    options = {"alibi_slopes": [0.0, 0.1, 0.3], "softcap": 3.0, "query_offset": 40,
+               "key_offset": 10}
+    gpu = sa.attention(q, kv, kv, sa.Causal(30), dropout_p=0.4, seed=11, device="cuda",
+                       **options)
+    cpu = sa.attention(q, kv, kv, sa.Causal(30), dropout_p=0.4, seed=11, device="cpu",
+                       **options)
+    np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-6)
+    gpu_out, gpu_index = sa.hard_attention(q, kv, kv, sa.Causal(30), sample=True, seed=12,
+                                           temperature=2.0, device="cuda", **options)
+    cpu_out, cpu_index = sa.hard_attention(q, kv, kv, sa.Causal(30), sample=True, seed=12,
+                                           temperature=2.0, device="cpu", **options)
+    np.testing.assert_array_equal(gpu_index, cpu_index)
+    np.testing.assert_array_equal(gpu_out, cpu_out)
 
 
 class CountingBackend:

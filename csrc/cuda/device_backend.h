@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../core/layout.h"
+#include "../core/params.h"
 #include "forward_launch.h"
 #include "forward_params.h"
 
@@ -23,6 +24,12 @@ namespace sparse_attn::cuda {
 namespace py = pybind11;
 
 static_assert(static_cast<uint8_t>(TileKind::Partial) == kPartialTile, "tile kinds disagree");
+static_assert(static_cast<int32_t>(Mode::Softmax) == kModeSoftmax &&
+                  static_cast<int32_t>(Mode::Hard) == kModeHard,
+              "modes disagree");
+static_assert(static_cast<int32_t>(ScoreKind::Dot) == kScoreDot &&
+                  static_cast<int32_t>(ScoreKind::Cosine) == kScoreCosine,
+              "score kinds disagree");
 
 // What a backend provides. Every function but device_count throws std::runtime_error on failure.
 struct Runtime {
@@ -189,20 +196,23 @@ inline py::dict dlpack_info(const py::capsule& capsule) {
 
 // ---- the forward call ------------------------------------------------------------------------
 
-// The instantiation for an element type and output width (8 columns per thread serve
+// The kernel for the mode, element type and output width (8 columns per thread serve
 // dim_v <= 64 in one slice of output columns, 16 serve wider outputs).
+template <typename T>
+cudaError_t launch_for_type(const ForwardParams& p, cudaStream_t stream) {
+  if (p.mode == kModeHard) return launch_hard_kernel<T>(p, stream);
+  return p.dim_v > 64 ? launch_forward_kernel<T, 16>(p, stream)
+                      : launch_forward_kernel<T, 8>(p, stream);
+}
+
 inline cudaError_t launch_forward(const ForwardParams& p, ElementType type, cudaStream_t stream) {
-  const bool wide = p.dim_v > 64;
   switch (type) {
     case ElementType::Float32:
-      return wide ? launch_forward_kernel<float, 16>(p, stream)
-                  : launch_forward_kernel<float, 8>(p, stream);
+      return launch_for_type<float>(p, stream);
     case ElementType::Float16:
-      return wide ? launch_forward_kernel<__half, 16>(p, stream)
-                  : launch_forward_kernel<__half, 8>(p, stream);
+      return launch_for_type<__half>(p, stream);
     case ElementType::BFloat16:
-      return wide ? launch_forward_kernel<__nv_bfloat16, 16>(p, stream)
-                  : launch_forward_kernel<__nv_bfloat16, 8>(p, stream);
+      return launch_for_type<__nv_bfloat16>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -255,25 +265,44 @@ class DeviceGuard {
   int previous_;
 };
 
-inline void forward(const Runtime& rt, const std::string& dtype, const py::dict& shape,
-                    const py::object& q, const py::object& k, const py::object& v,
-                    const py::object& mask, const py::object& bias, uintptr_t key_lengths,
-                    double scale, uintptr_t out, uintptr_t lse,
+// The forward call: config holds the sizes and options (the keys of _device.py), operands
+// the q, k, v, mask and bias descriptions, results the device addresses of out, lse, index,
+// key_lengths and alibi_slopes (0: absent).
+inline void forward(const Runtime& rt, const py::dict& config, const py::dict& operands,
+                    const py::dict& results,
                     const std::vector<std::shared_ptr<DeviceLayoutCopy>>& layouts, int device,
                     uintptr_t stream) {
   DeviceGuard guard(rt, device);
   ForwardParams p;
-  const ElementType type = element_type(dtype);
-  p.batch = shape["batch"].cast<int64_t>();
-  p.heads_q = shape["heads_q"].cast<int64_t>();
-  p.heads_kv = shape["heads_kv"].cast<int64_t>();
-  p.len_q = shape["len_q"].cast<int64_t>();
-  p.len_k = shape["len_k"].cast<int64_t>();
-  p.dim_qk = shape["dim_qk"].cast<int64_t>();
-  p.dim_v = shape["dim_v"].cast<int64_t>();
+  const ElementType type = element_type(config["dtype"].cast<std::string>());
+  const auto mode = config["mode"].cast<std::string>();
+  if (mode != "softmax" && mode != "hard") {
+    throw std::invalid_argument("forward: the CUDA kernels compute the softmax and hard modes");
+  }
+  p.mode = mode == "hard" ? kModeHard : kModeSoftmax;
+  p.batch = config["batch"].cast<int64_t>();
+  p.heads_q = config["heads_q"].cast<int64_t>();
+  p.heads_kv = config["heads_kv"].cast<int64_t>();
+  p.len_q = config["len_q"].cast<int64_t>();
+  p.len_k = config["len_k"].cast<int64_t>();
+  p.dim_qk = config["dim_qk"].cast<int64_t>();
+  p.dim_v = config["dim_v"].cast<int64_t>();
+  p.q0 = config["q0"].cast<int64_t>();
+  p.k0 = config["k0"].cast<int64_t>();
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0 || p.dim_qk < 1 || p.dim_v < 0) {
     throw std::invalid_argument("forward: inconsistent heads or head dims");
   }
+  const auto score = config["score"].cast<std::string>();
+  if (score != "dot" && score != "cosine") {
+    throw std::invalid_argument("forward: the CUDA kernels score with 'dot' or 'cosine'");
+  }
+  p.score = score == "cosine" ? kScoreCosine : kScoreDot;
+  p.scale = config["scale"].cast<float>();
+  p.softcap = config["softcap"].cast<float>();
+  p.dropout_p = config["dropout_p"].cast<float>();
+  p.sample = config["sample"].cast<bool>();
+  p.inv_temperature = static_cast<float>(1.0 / config["temperature"].cast<double>());
+  p.seed = config["seed"].cast<uint64_t>();
   if (static_cast<int64_t>(layouts.size()) != p.heads_q) {
     throw std::invalid_argument("forward: one layout per query head is required");
   }
@@ -288,19 +317,23 @@ inline void forward(const Runtime& rt, const std::string& dtype, const py::dict&
   p.num_q_tiles = (p.len_q + kTileQ - 1) / kTileQ;
   if (p.batch * p.heads_q * p.num_q_tiles == 0) return;
   std::vector<std::unique_ptr<DeviceBuffer>> keep;
-  p.q = to_device_operand(rt, q, keep);
-  p.k = to_device_operand(rt, k, keep);
-  p.v = to_device_operand(rt, v, keep);
-  p.mask = to_device_operand(rt, mask, keep);
-  p.bias = to_device_operand(rt, bias, keep);
+  p.q = to_device_operand(rt, operands["q"], keep);
+  p.k = to_device_operand(rt, operands["k"], keep);
+  p.v = to_device_operand(rt, operands["v"], keep);
+  p.mask = to_device_operand(rt, operands["mask"], keep);
+  p.bias = to_device_operand(rt, operands["bias"], keep);
   if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1) {
     throw std::invalid_argument("forward: q, k, v need unit column stride");
   }
-  p.key_lengths = reinterpret_cast<const int64_t*>(key_lengths);
-  p.scale = static_cast<float>(scale);
-  p.out = reinterpret_cast<void*>(out);
-  p.lse = reinterpret_cast<float*>(lse);
-  if (p.out == nullptr && p.dim_v > 0) throw std::invalid_argument("forward: no output");
+  auto address = [&](const char* name) { return results[name].cast<uintptr_t>(); };
+  p.key_lengths = reinterpret_cast<const int64_t*>(address("key_lengths"));
+  p.alibi_slopes = reinterpret_cast<const float*>(address("alibi_slopes"));
+  p.out = reinterpret_cast<void*>(address("out"));
+  p.lse = reinterpret_cast<float*>(address("lse"));
+  p.index = reinterpret_cast<int64_t*>(address("index"));
+  if ((p.out == nullptr && p.dim_v > 0) || (p.mode == kModeHard && p.index == nullptr)) {
+    throw std::invalid_argument("forward: a result array of this mode is missing");
+  }
   keep.push_back(DeviceBuffer::from_host(rt, views.data(), views.size()));
   p.layouts = reinterpret_cast<const DeviceLayout*>(keep.back()->ptr());
   py::gil_scoped_release release;
@@ -340,14 +373,10 @@ inline void register_backend(py::module_& m, const Runtime& rt) {
         return std::make_shared<DeviceLayoutCopy>(*r, *layout);
       }));
   m.def("dlpack_info", &dlpack_info);
-  m.def("forward", [r](const std::string& dtype, const py::dict& shape, const py::object& q,
-                       const py::object& k, const py::object& v, const py::object& mask,
-                       const py::object& bias, uintptr_t key_lengths, double scale,
-                       uintptr_t out, uintptr_t lse,
+  m.def("forward", [r](const py::dict& config, const py::dict& operands, const py::dict& results,
                        const std::vector<std::shared_ptr<DeviceLayoutCopy>>& layouts, int device,
                        uintptr_t stream) {
-    forward(*r, dtype, shape, q, k, v, mask, bias, key_lengths, scale, out, lse, layouts, device,
-            stream);
+    forward(*r, config, operands, results, layouts, device, stream);
   });
 }
 

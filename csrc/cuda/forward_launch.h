@@ -15,13 +15,17 @@ namespace sparse_attn::cuda {
 // slice, 16 serves dim_v <= 128 (larger dim_v takes several slices).
 template <typename T, int kColsPerThread>
 cudaError_t launch_forward_kernel(const ForwardParams& p, cudaStream_t stream);
+template <typename T>
+cudaError_t launch_hard_kernel(const ForwardParams& p, cudaStream_t stream);
 
 }  // namespace sparse_attn::cuda
 
-// One translation unit per element type instantiates both widths (builds run in parallel).
+// One translation unit per element type instantiates its kernels (builds run in parallel).
 // Used at global scope.
 #define SA_INSTANTIATE_FORWARD(T)                                        \
   template cudaError_t sparse_attn::cuda::launch_forward_kernel<T, 8>(   \
       const sparse_attn::cuda::ForwardParams&, cudaStream_t);            \
   template cudaError_t sparse_attn::cuda::launch_forward_kernel<T, 16>(  \
+      const sparse_attn::cuda::ForwardParams&, cudaStream_t);            \
+  template cudaError_t sparse_attn::cuda::launch_hard_kernel<T>(         \
       const sparse_attn::cuda::ForwardParams&, cudaStream_t);

@@ -43,19 +43,38 @@ struct SharedTiles {
   } kv;
   float p[kTileQ][kTileK + 1];     // probabilities of the current key tile
   uint64_t row_bits[kTileQ];       // allowed keys of each row, for tiles that need mask work
+  float q_scale[kTileQ];           // scale of each query row (divided by |q| for cosine)
+  float k_scale[kTileK];           // cosine: 1 / |k| of each key of the current tile
 };
 // The default dynamic shared-memory limit: no opt-in needed, several blocks per SM.
 static_assert(sizeof(SharedTiles<16>) <= 48 * 1024, "shared tiles exceed 48 KB");
 
-// dst[r][c] = scale * src[r * row_stride + c] for r < rows, c < cols; zero elsewhere in the
-// kRows x kCols tile. All threads of the block take part; coalesced along c.
+// dst[r][c] = src[r * row_stride + c] (times row_scale[r] when given) for r < rows, c < cols;
+// zero elsewhere in the kRows x kCols tile. All threads of the block take part; coalesced
+// along c.
 template <int kRows, int kCols, int kPitch, typename T>
 SA_DEVICE void load_tile(float (&dst)[kRows][kPitch], const T* src, int64_t row_stride, int rows,
-                         int cols, float scale) {
+                         int cols, const float* row_scale) {
   for (int idx = static_cast<int>(threadIdx.x); idx < kRows * kCols; idx += kThreads) {
     const int r = idx / kCols, c = idx % kCols;
-    dst[r][c] = r < rows && c < cols ? scale * to_float(src[r * row_stride + c]) : 0.0f;
+    float x = 0.0f;
+    if (r < rows && c < cols) {
+      x = to_float(src[r * row_stride + c]);
+      if (row_scale != nullptr) x *= row_scale[r];
+    }
+    dst[r][c] = x;
   }
+}
+
+// sqrt(sum x^2) of one row of n elements, in float32.
+template <typename T>
+SA_DEVICE float row_norm(const T* x, int64_t n) {
+  float sum = 0.0f;
+  for (int64_t d = 0; d < n; ++d) {
+    const float v = to_float(x[d]);
+    sum += v * v;
+  }
+  return sqrtf(sum);
 }
 
 // s[i][jj] += sum_d q[row i][d] * k[key jj][d] over one kChunkD slice.

@@ -73,19 +73,9 @@ def cuda_available() -> bool:
     return unavailable_reason() is None
 
 
-def gpu_unsupported(*, score="dot", alibi_slopes=None, softcap=None, dropout_p=0.0,
-                    query_offset=0, key_offset=0, total_lengths=None) -> list:
-    """The options in use that the CUDA kernels do not implement (yet)."""
-    used = {
-        "score": not (isinstance(score, str) and score == "dot"),
-        "alibi_slopes": alibi_slopes is not None,
-        "softcap": softcap is not None,
-        "dropout_p": not (isinstance(dropout_p, (int, float)) and dropout_p == 0),
-        "query_offset": not (isinstance(query_offset, int) and query_offset == 0),
-        "key_offset": not (isinstance(key_offset, int) and key_offset == 0),
-        "total_lengths": total_lengths is not None,
-    }
-    return [name for name, in_use in used.items() if in_use]
+def gpu_unsupported(score="dot") -> list:
+    """The options of a call that the CUDA kernels do not implement: the additive score."""
+    return ["score='additive'"] if isinstance(score, str) and score == "additive" else []
 
 
 def select(device: str, q, unsupported=()) -> str:
@@ -376,17 +366,24 @@ def _device_layouts(backend, device: int, handles: list) -> list:
 # ---- the attention call -------------------------------------------------------------------------
 
 
-def _head_layouts(pattern, problem) -> list:
+def _head_layouts(pattern, problem, q0: int, k0: int, totals: tuple) -> list:
     """The compiled layout handle of each query head (layouts shared by equal patterns)."""
+    heads = as_head_patterns(pattern, problem.heads_q)
     compiled = {}
-    for head in as_head_patterns(pattern, problem.heads_q):
+    for head in heads:
         if head not in compiled:
-            compiled[head] = compile_layout(head, problem.len_q, problem.len_k, _TILE, _TILE)
-    return [compiled[head].handle for head in as_head_patterns(pattern, problem.heads_q)]
+            compiled[head] = compile_layout(head, problem.len_q, problem.len_k, _TILE, _TILE, q0,
+                                            k0, total=totals)
+    return [compiled[head].handle for head in heads]
 
 
-def attention(q, k, v, pattern, *, mask, bias, scale, key_lengths, return_lse, out):
-    """``sparse_attn.attention`` on the GPU (see its docstring)."""
+def compute(mode: str, q, k, v, pattern, *, mask=None, bias=None, scale=None, score="dot",
+            score_params=None, alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None, sample=False,
+            temperature=1.0, key_lengths=None, query_offset=0, key_offset=0,
+            total_lengths=None, second=False, out=None):
+    """``attention`` (mode "softmax") or ``hard_attention`` (mode "hard") on the GPU, with the
+    arguments and results of those functions. ``second``: also return lse (softmax; float32)
+    or the chosen keys (hard; int64)."""
     backend = _backend()
     named = {"q": q, "k": k, "v": v}
     template = next((x for x in named.values() if _is_device_array(x)), None)
@@ -411,11 +408,17 @@ def attention(q, k, v, pattern, *, mask, bias, scale, key_lengths, return_lse, o
     shapes = {n: (a.shape_stand_in() if isinstance(a, _DeviceView) else a)
               for n, a in views.items()}
     problem = _args.problem_shape(shapes["q"], shapes["k"], shapes["v"])
-    scale_value = _args.resolve_scale(scale, problem.dim_qk)
-    handles = _head_layouts(pattern, problem)
-    out_shape, lse_shape = problem.out_shape(), problem.lse_shape()
+    config = _config(mode, problem, dtype, scale=scale, score=score, score_params=score_params,
+                     softcap=softcap,
+                     dropout_p=dropout_p, seed=seed, sample=sample, temperature=temperature)
+    q0, k0, totals = _args.resolve_offsets(query_offset, key_offset, total_lengths, problem)
+    config.update(q0=q0, k0=k0)
+    slopes = _args.resolve_alibi(alibi_slopes, problem.heads_q)
+    handles = _head_layouts(pattern, problem, q0, k0, totals)
+    out_shape, row_shape = problem.out_shape(), problem.lse_shape()
     user_shape = out_shape[1:] if problem.squeeze else out_shape
-    user_lse_shape = lse_shape[1:] if problem.squeeze else lse_shape
+    user_row_shape = row_shape[1:] if problem.squeeze else row_shape
+    second_name, second_dtype = ("lse", "float32") if mode == "softmax" else ("index", "int64")
     if template is None:
         np_dtype = views["q"].dtype
         _args.check_out(out, user_shape, np_dtype,
@@ -432,47 +435,74 @@ def attention(q, k, v, pattern, *, mask, bias, scale, key_lengths, return_lse, o
             else _upload(backend, _args.operand(a, b, tails[n], unit_col=True), keep)
             for n, a in views.items()
         }
-        mask_op = _mask_operand(mask, problem, backend, stream, keep)
-        bias_op = _bias_operand(bias, problem, dtype, backend, stream, keep)
-        lengths = _key_lengths(key_lengths, problem, backend, stream)
-        lengths_ptr = 0
-        if lengths is not None:
-            lengths_ptr = _upload(backend, (lengths,), keep)[0]
+        operands["mask"] = _mask_operand(mask, problem, backend, stream, keep)
+        operands["bias"] = _bias_operand(bias, problem, dtype, backend, stream, keep)
+        lengths = _key_lengths(key_lengths, problem, k0, totals[1], backend, stream)
+        addresses = {
+            "key_lengths": _upload(backend, (lengths,), keep)[0] if lengths is not None else 0,
+            "alibi_slopes": _upload(backend, (slopes.astype(np.float32),), keep)[0]
+            if slopes is not None else 0,
+            "lse": 0,
+            "index": 0,
+        }
 
         if template is None:  # NumPy in, NumPy out: compute into device buffers, copy back
             result = np.empty(out_shape, dtype=np_dtype)
-            lse = np.empty(lse_shape, dtype=np.float32) if return_lse else None
-            out_buffer = backend.DeviceBuffer(result.nbytes)
-            lse_buffer = backend.DeviceBuffer(lse.nbytes) if return_lse else None
-            out_ptr, lse_ptr = out_buffer.ptr, (lse_buffer.ptr if return_lse else 0)
+            extra = np.empty(row_shape, dtype=second_dtype) if second or mode == "hard" else None
+            buffers = {"out": backend.DeviceBuffer(result.nbytes)}
+            if extra is not None:
+                buffers[second_name] = backend.DeviceBuffer(extra.nbytes)
+            addresses.update({n: buffer.ptr for n, buffer in buffers.items()})
         else:  # device arrays in: results of the same kind, written in place
             result = _device_out(out, user_shape, dtype, backend, stream, device)
             if result is None:
                 result = _empty_like(template, user_shape, dtype, backend, device)
-            lse = _empty_like(template, user_lse_shape, "float32", backend, device) \
-                if return_lse else None
-            out_ptr = _address(result, backend, stream)
-            lse_ptr = _address(lse, backend, stream) if return_lse else 0
+            extra = _empty_like(template, user_row_shape, second_dtype, backend, device) \
+                if second or mode == "hard" else None
+            addresses["out"] = _address(result, backend, stream)
+            if extra is not None:
+                addresses[second_name] = _address(extra, backend, stream)
 
         if problem.batch * problem.heads_q * problem.len_q:
             for a in views.values():  # a producer's stream named by __cuda_array_interface__
                 if isinstance(a, _DeviceView) and a.stream not in (None, stream):
                     backend.stream_synchronize(a.stream)
-            backend.forward(dtype, problem.kernel_shape(), operands["q"], operands["k"],
-                            operands["v"], mask_op, bias_op, lengths_ptr, scale_value, out_ptr,
-                            lse_ptr, _device_layouts(backend, device, handles), device, stream)
+            backend.forward(config, operands, addresses,
+                            _device_layouts(backend, device, handles), device, stream)
             if template is None:
-                out_buffer.download(result.ctypes.data, result.nbytes)
-                if return_lse:
-                    lse_buffer.download(lse.ctypes.data, lse.nbytes)
+                buffers["out"].download(result.ctypes.data, result.nbytes)
+                if extra is not None:
+                    buffers[second_name].download(extra.ctypes.data, extra.nbytes)
 
     if template is None:
         if problem.squeeze:
-            result, lse = result[0], (lse[0] if return_lse else None)
+            result, extra = result[0], (extra[0] if extra is not None else None)
         if out is not None:
             np.copyto(out, result)
             result = out
-    return (result, lse) if return_lse else result
+    return (result, extra) if second or mode == "hard" else result
+
+
+def _config(mode: str, problem, dtype: str, *, scale, score, score_params, softcap, dropout_p,
+            seed, sample, temperature) -> dict:
+    """The kernel's sizes and options, checked as the CPU path checks them."""
+    score, _ = _args.resolve_score(score, score_params, problem.dim_qk, np.dtype(np.float32))
+    default_scale = None if score == "dot" else 1.0
+    config = dict(problem.kernel_shape(), dtype=dtype, mode=mode, score=score,
+                  scale=_args.resolve_scale(default_scale if scale is None else scale,
+                                            problem.dim_qk),
+                  softcap=_args.resolve_softcap(softcap), dropout_p=0.0, sample=False,
+                  temperature=1.0, seed=0)
+    if mode == "softmax":
+        config["dropout_p"] = _args.resolve_probability(dropout_p, "dropout_p")
+        config["seed"] = _args.resolve_seed(seed) if config["dropout_p"] > 0 else 0
+    else:
+        if not isinstance(sample, (bool, np.bool_)):
+            raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
+        config["sample"] = bool(sample)
+        config["temperature"] = _args.resolve_temperature(temperature)
+        config["seed"] = _args.resolve_seed(seed) if sample else 0
+    return config
 
 
 def _device_id(x, backend) -> int:
@@ -530,7 +560,7 @@ def _bias_operand(bias, problem, dtype: str, backend, stream: int, keep: list):
     return _device_operand(view, problem.batch_shape, problem.scores_shape()[-3:], unit_col=False)
 
 
-def _key_lengths(key_lengths, problem, backend, stream: int):
+def _key_lengths(key_lengths, problem, key_offset: int, total_k: int, backend, stream: int):
     """key_lengths as a host int64 array (a device array is copied to the host to be checked)."""
     if key_lengths is not None and _is_device_array(key_lengths):
         view = _device_view(key_lengths, "key_lengths", backend, stream)
@@ -542,4 +572,4 @@ def _key_lengths(key_lengths, problem, backend, stream: int):
         if host.nbytes:
             backend.copy_to_host(host.ctypes.data, view.ptr, host.nbytes)
         key_lengths = host
-    return _args.key_lengths_array(key_lengths, problem)
+    return _args.key_lengths_array(key_lengths, problem, key_offset, total_k)

@@ -132,13 +132,13 @@ def attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, score=
     softmax denominator) when ``return_lse=True``. ``out=`` is written only on success.
     """
     if (type(device) is not str or device != "cpu") and _device.select(
-            _args.resolve_device(device), q, _device.gpu_unsupported(
-            score=score, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p,
-            query_offset=query_offset, key_offset=key_offset,
-            total_lengths=total_lengths)) == "cuda":  # the GPU path: _device.py
-        _args.resolve_threads(threads)
-        return _device.attention(q, k, v, pattern, mask=mask, bias=bias, scale=scale,
-                                 key_lengths=key_lengths, return_lse=return_lse, out=out)
+            _args.resolve_device(device), q, _device.gpu_unsupported(score)) == "cuda":
+        _args.resolve_threads(threads)  # the GPU path: _device.py
+        return _device.compute(
+            "softmax", q, k, v, pattern, mask=mask, bias=bias, scale=scale, score=score,
+            score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed,
+            key_lengths=key_lengths, query_offset=query_offset, key_offset=key_offset,
+            total_lengths=total_lengths, second=return_lse, out=out)
     plain = _is_plain(q, k, v, pattern, threads, mask, bias, scale, score, score_params,
                       alibi_slopes, softcap, dropout_p, key_lengths, query_offset, key_offset,
                       total_lengths, device)
@@ -222,6 +222,14 @@ def hard_attention(q, k, v, pattern=None, *, sample=False, temperature=1.0, seed
     Returns ``(out, idx)``: out ``(..., Hq, Lq, Dv)`` and ``idx`` ``(..., Hq, Lq)`` int64, the
     chosen key per query (``-1`` for a row with no allowed key, whose output is zeros).
     """
+    if (type(device) is not str or device != "cpu") and _device.select(
+            _args.resolve_device(device), q, _device.gpu_unsupported(score)) == "cuda":
+        _args.resolve_threads(threads)  # the GPU path: _device.py
+        return _device.compute(
+            "hard", q, k, v, pattern, sample=sample, temperature=temperature, seed=seed,
+            mask=mask, bias=bias, scale=scale, score=score, score_params=score_params,
+            alibi_slopes=alibi_slopes, softcap=softcap, key_lengths=key_lengths, query_offset=query_offset,
+            key_offset=key_offset, total_lengths=total_lengths)
     call = _Call(q, k, v, pattern, mask=mask, bias=bias, scale=scale, score=score,
                  score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap,
                  key_lengths=key_lengths, query_offset=query_offset, key_offset=key_offset,
