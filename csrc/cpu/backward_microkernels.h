@@ -1,0 +1,49 @@
+// The element-wise tile operations of the CPU backward pass, one table per instruction set and
+// dtype, chosen once by dispatch.cpp like the forward's. The matrix products of the backward
+// reuse the forward's table (score_tile, accumulate_pv, pack_q); this table holds the rest.
+//
+// Layout of a backward tile ("key lanes"): the keys of a tile run along the vector lanes, so a
+// tile is t[r][c] for query row r and key c (kTileK lanes per row). Probabilities, dP and dS are
+// produced in that order; dK and dV accumulate as dk_t[d][c], dv_t[e][c] without horizontal
+// reductions. dQ accumulates in the forward's query-lane order from a transposed dS.
+#pragma once
+
+#include <cstdint>
+
+#include "microkernels.h"
+
+namespace sparse_attn::cpu {
+
+static_assert(kTileQ == kTileK, "the backward transposes square tiles");
+
+template <typename T>
+struct BackwardMicroKernels {
+  // t[r][c] = -inf where bit c of row_bits[r] is clear, for r < rows and every lane c.
+  void (*mask_rows)(T* t, int rows, const uint64_t* row_bits);
+  // t[r][c] = exp(t[r][c] - lse[r]) for r < rows: the forward's normalised probabilities.
+  // A row whose lse is -inf (no allowed key) gets 0 everywhere, never NaN.
+  void (*probs_from_lse)(T* t, int rows, const T* lse);
+  // Dropout with the kept set as bits (bit c of keep[r]): p_kept = p * kept * keep_scale and
+  // dp = dp * kept * keep_scale, for r < rows.
+  void (*apply_dropout)(const T* p, T* p_kept, T* dp, int rows, const uint64_t* keep,
+                        T keep_scale);
+  // dp[r][c] = p[r][c] * (dp[r][c] - delta[r]) for r < rows: dP becomes dS in place.
+  void (*grad_scores)(const T* p, T* dp, int rows, const T* delta);
+  // dst[c][r] = src[r][c] for r < rows; dst[c][r] = 0 for rows <= r < kTileQ (every c).
+  void (*transpose)(const T* src, int rows, T* dst);
+};
+
+const BackwardMicroKernels<float>& backward_microkernels_f32();
+const BackwardMicroKernels<double>& backward_microkernels_f64();
+
+// One table per compiled level (defined in backward_microkernels_<level>.cpp).
+namespace generic {
+const BackwardMicroKernels<float>& backward_table_f32();
+const BackwardMicroKernels<double>& backward_table_f64();
+}  // namespace generic
+namespace avx2 {
+const BackwardMicroKernels<float>& backward_table_f32();
+const BackwardMicroKernels<double>& backward_table_f64();
+}  // namespace avx2
+
+}  // namespace sparse_attn::cpu
