@@ -12,8 +12,10 @@
 #include <string>
 #include <vector>
 
+#include "core/backward_params.h"
 #include "core/layout.h"
 #include "core/params.h"
+#include "cpu/backward.h"
 #include "cpu/forward.h"
 #include "cpu/microkernels.h"
 
@@ -150,6 +152,82 @@ void forward(py::dict shape, py::object q, py::object k, py::object v, py::objec
   sparse_attn::cpu::forward(p);
 }
 
+// The gradient of one forward call: `problem` holds the forward's arguments as passed to
+// forward() (shape, q, k, v, mask, bias, key_lengths, scale, layouts, num_threads); `out` and
+// `grad_out` are operands, lse and the gradients C-contiguous arrays of the forward's dtype.
+void backward(py::tuple problem, py::object out, py::object grad_out, py::array lse,
+              double dropout_p, uint64_t seed, py::array dq, py::array dk, py::array dv,
+              py::object dbias) {
+  if (problem.size() != 10) throw std::invalid_argument("backward: problem must be a 10-tuple");
+  sparse_attn::BackwardParams bp;
+  AttentionParams& p = bp.forward;
+  const py::dtype dtype = dq.dtype();
+  if (dtype.is(py::dtype::of<float>())) {
+    p.dtype = sparse_attn::DType::Float32;
+  } else if (dtype.is(py::dtype::of<double>())) {
+    p.dtype = sparse_attn::DType::Float64;
+  } else {
+    throw std::invalid_argument("backward: dq must be float32 or float64");
+  }
+  auto shape = problem[0].cast<py::dict>();
+  p.batch = shape["batch"].cast<int64_t>();
+  p.heads_q = shape["heads_q"].cast<int64_t>();
+  p.heads_kv = shape["heads_kv"].cast<int64_t>();
+  p.len_q = shape["len_q"].cast<int64_t>();
+  p.len_k = shape["len_k"].cast<int64_t>();
+  p.dim_qk = shape["dim_qk"].cast<int64_t>();
+  p.dim_v = shape["dim_v"].cast<int64_t>();
+  std::vector<py::object> keep;
+  p.q = to_operand(problem[1], dtype, keep);
+  p.k = to_operand(problem[2], dtype, keep);
+  p.v = to_operand(problem[3], dtype, keep);
+  p.mask = to_operand(problem[4], py::dtype::of<uint8_t>(), keep);
+  p.bias = to_operand(problem[5], dtype, keep);
+  bp.out = to_operand(out, dtype, keep);
+  bp.grad_out = to_operand(grad_out, dtype, keep);
+  Int64Array lengths;
+  if (!problem[6].is_none()) {
+    lengths = problem[6].cast<Int64Array>();
+    if (lengths.size() != p.batch) throw std::invalid_argument("backward: key_lengths size");
+    p.key_lengths = lengths.data();
+  }
+  p.scale = problem[7].cast<double>();
+  const auto layouts = problem[8].cast<std::vector<LayoutPtr>>();
+  if (static_cast<int64_t>(layouts.size()) != p.heads_q) {
+    throw std::invalid_argument("backward: one layout per query head is required");
+  }
+  std::vector<const Layout*> raw(layouts.size());
+  for (size_t h = 0; h < layouts.size(); ++h) raw[h] = layouts[h].get();
+  p.layouts = raw.data();
+  p.num_threads = problem[9].cast<int>();
+  auto contiguous = [&](const py::array& a, int64_t size, const char* what) {
+    if (!a.dtype().is(dtype) || !(a.flags() & py::array::c_style) || a.size() != size) {
+      throw std::invalid_argument(std::string("backward: ") + what +
+                                  " must be a C-contiguous array of the right size and dtype");
+    }
+  };
+  auto result = [&](py::array& a, int64_t size, const char* what) {
+    contiguous(a, size, what);
+    if (!a.writeable()) throw std::invalid_argument(std::string("backward: ") + what + " is read-only");
+    return a.mutable_data();
+  };
+  const int64_t rows_q = p.batch * p.heads_q * p.len_q, rows_k = p.batch * p.heads_kv * p.len_k;
+  contiguous(lse, rows_q, "lse");
+  bp.lse = lse.data();
+  bp.dq = result(dq, rows_q * p.dim_qk, "dq");
+  bp.dk = result(dk, rows_k * p.dim_qk, "dk");
+  bp.dv = result(dv, rows_k * p.dim_v, "dv");
+  py::array dbias_arr;
+  if (!dbias.is_none()) {
+    dbias_arr = dbias.cast<py::array>();
+    bp.dbias = result(dbias_arr, rows_q * p.len_k, "dbias");
+  }
+  bp.dropout_p = dropout_p;
+  bp.seed = seed;
+  py::gil_scoped_release release;
+  sparse_attn::cpu::backward(bp);
+}
+
 py::dict build_info() {
   py::dict info;
   const auto level = sparse_attn::cpu::active_simd_level();
@@ -185,5 +263,6 @@ PYBIND11_MODULE(_core, m) {
         py::arg("len_k"), py::arg("tile_q"), py::arg("tile_k"), py::arg("q0") = 0,
         py::arg("k0") = 0);
   m.def("forward", &forward);
+  m.def("backward", &backward);
   m.def("build_info", &build_info);
 }

@@ -1,0 +1,353 @@
+// The CPU backward loop (FlashAttention-2 style): probabilities are recomputed tile by tile from
+// the forward's lse, only the layout's listed tiles are visited and Lq x Lk is never stored.
+// This file owns the tile walks, the accumulation order and the threads; the arithmetic lives
+// in the forward's and the backward's micro-kernels.
+//
+// Accumulation, and why the result is bitwise deterministic for any thread count:
+//  * dK, dV of a (batch, kv head, key tile) are owned by one work item, which walks the query
+//    tiles touching that key tile (the layout by key tile), for every query head of the GQA
+//    group in ascending order, accumulating in thread-private tiles; one write at the end.
+//  * dQ of a (batch, query head, query tile) accumulates its key tiles in ascending order, in a
+//    buffer of dQ's size that each item owns. Either the key-major pass does it as it goes
+//    ("fused": an item is a whole (batch, kv head), so it owns the dQ rows of its group), or a
+//    second, query-major pass recomputes P and dS ("split": when there are too few (batch,
+//    kv head) items to keep the threads busy). Both compute each tile with the same function
+//    and add the tiles to dQ in the same order, so they agree bit for bit; no atomics anywhere.
+#include "backward.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "../core/random.h"
+#include "backward_microkernels.h"
+#include "microkernels.h"
+#include "tile_mask.h"
+
+namespace sparse_attn::cpu {
+namespace {
+
+// Matrix products per visited tile: S, dP, dV, dK and dQ; the split schedule recomputes S, dP.
+constexpr int64_t kFusedProducts = 5;
+constexpr int64_t kSplitProducts = 7;
+
+// Per-thread buffers, allocated once per call and thread. Key-lane tiles are t[r][c].
+template <typename T>
+struct Scratch {
+  std::vector<T> k_packed, v_packed;  // scale * k[c][d] as [d][c]; v[c][e] as [e][c]
+  std::vector<T> probs, grad, kept;   // P, dP (then dS) and P after dropout: [r][c]
+  std::vector<T> grad_q_lanes;        // dS as [c][r], for dQ
+  std::vector<T> dk_t, dv_t;          // sum over query rows: [d][c], [e][c]
+  std::vector<T> ones;                // the accumulators' rescale factor: none
+  std::vector<uint64_t> row_bits, keep_bits;
+  Scratch(int dim_qk, int dim_v)
+      : k_packed(static_cast<size_t>(dim_qk) * kTileK),
+        v_packed(static_cast<size_t>(dim_v) * kTileK),
+        probs(kTileQ * kTileK),
+        grad(kTileQ * kTileK),
+        kept(kTileQ * kTileK),
+        grad_q_lanes(kTileQ * kTileK),
+        dk_t(static_cast<size_t>(dim_qk) * kTileK),
+        dv_t(static_cast<size_t>(dim_v) * kTileK),
+        ones(kTileQ, T(1)),
+        row_bits(kTileQ),
+        keep_bits(kTileQ) {}
+};
+
+template <typename T>
+class BackwardPass {
+ public:
+  BackwardPass(const BackwardParams& p, const MicroKernels<T>& mk,
+               const BackwardMicroKernels<T>& bk)
+      : bp_(p), p_(p.forward), mk_(mk), bk_(bk) {
+    num_q_tiles_ = (p_.len_q + kTileQ - 1) / kTileQ;
+    num_k_tiles_ = (p_.len_k + kTileK - 1) / kTileK;
+    group_ = p_.heads_q / p_.heads_kv;
+    dim_ = static_cast<int>(p_.dim_qk);
+    dim_v_ = static_cast<int>(p_.dim_v);
+    scale_ = static_cast<T>(p_.scale);
+    keep_scale_ = static_cast<T>(1.0 / (1.0 - bp_.dropout_p));
+  }
+
+  void run() {
+    const int threads = std::max(1, p_.num_threads);
+    const int64_t query_items = p_.batch * p_.heads_q * num_q_tiles_;
+    const int64_t group_items = p_.batch * p_.heads_kv;
+    const int64_t key_items = group_items * num_k_tiles_;
+    // Fused unless whole (batch, kv head) items leave threads idle for longer than the split
+    // schedule's extra products cost (the item costs are assumed equal).
+    const int64_t waves = (group_items + threads - 1) / threads;
+    const bool fused = kFusedProducts * waves * threads <= kSplitProducts * group_items;
+
+    // Allocated before the parallel regions: std::bad_alloc must reach the caller.
+    delta_.resize(static_cast<size_t>(p_.batch * p_.heads_q * p_.len_q));
+    dq_lanes_.resize(static_cast<size_t>(query_items) * dim_ * kTileQ);
+    std::vector<Scratch<T>> scratches;
+    scratches.reserve(threads);
+    for (int t = 0; t < threads; ++t) scratches.emplace_back(dim_, dim_v_);
+
+#pragma omp parallel num_threads(threads)
+    {
+      Scratch<T>& scratch = scratches[omp_get_thread_num()];
+#pragma omp for schedule(static)
+      for (int64_t w = 0; w < query_items; ++w) prepare_query_tile(w);
+      if (fused) {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < group_items; ++w) {
+          for (int64_t kt = 0; kt < num_k_tiles_; ++kt) key_tile(w, kt, true, scratch);
+        }
+      } else {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < key_items; ++w) {
+          key_tile(w / num_k_tiles_, w % num_k_tiles_, false, scratch);
+        }
+        // Most expensive query tiles first, so the threads run out of work together.
+        const int64_t per_rank = p_.batch * p_.heads_q;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t w = 0; w < query_items; ++w) {
+          const int64_t bh = w % per_rank, h = bh % p_.heads_q;
+          query_tile_dq(bh, p_.layouts[h]->q_tiles_by_cost()[w / per_rank], scratch);
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t w = 0; w < query_items; ++w) write_dq(w);
+    }
+  }
+
+ private:
+  // ---- indexing ---------------------------------------------------------------------------------
+
+  int64_t key_limit(int64_t b) const {
+    return p_.key_lengths ? std::min(p_.key_lengths[b], p_.len_k) : p_.len_k;
+  }
+  int tile_rows(int64_t qt) const {
+    return static_cast<int>(std::min<int64_t>(kTileQ, p_.len_q - qt * kTileQ));
+  }
+  int tile_cols(int64_t kt) const {
+    return static_cast<int>(std::min<int64_t>(kTileK, p_.len_k - kt * kTileK));
+  }
+  // Offset of (b, h, row) in the contiguous (batch, heads_q, len_q) lse and delta arrays.
+  int64_t row_index(int64_t b, int64_t h, int64_t row) const {
+    return (b * p_.heads_q + h) * p_.len_q + row;
+  }
+  T* dq_tile(int64_t b, int64_t h, int64_t qt) {
+    return dq_lanes_.data() + ((b * p_.heads_q + h) * num_q_tiles_ + qt) * dim_ * kTileQ;
+  }
+
+  // ---- passes -----------------------------------------------------------------------------------
+
+  // delta[i] = rowsum(dO * O) for the rows of one query tile (summed in double); dQ zeroed.
+  void prepare_query_tile(int64_t w) {
+    const int64_t qt = w % num_q_tiles_, bh = w / num_q_tiles_;
+    const int64_t b = bh / p_.heads_q, h = bh % p_.heads_q;
+    const int rows = tile_rows(qt);
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = qt * kTileQ + r;
+      const T* o = operand_row<T>(bp_.out, b, h, row);
+      const T* g = operand_row<T>(bp_.grad_out, b, h, row);
+      double sum = 0.0;
+      for (int e = 0; e < dim_v_; ++e) sum += static_cast<double>(o[e]) * g[e];
+      delta_[row_index(b, h, row)] = static_cast<T>(sum);
+    }
+    std::fill_n(dq_tile(b, h, qt), dim_ * kTileQ, T(0));
+  }
+
+  // dK and dV of key tile kt of kv head (group % heads_kv) of batch entry group / heads_kv,
+  // from every query tile of the group's query heads that touches it; with_dq also adds each
+  // visited tile's dS K to dQ (the fused schedule, where this item owns its group's dQ rows).
+  void key_tile(int64_t group_item, int64_t kt, bool with_dq, Scratch<T>& s) {
+    const int64_t b = group_item / p_.heads_kv, kv_head = group_item % p_.heads_kv;
+    const int64_t col0 = kt * kTileK;
+    const int cols = tile_cols(kt);
+    T* dk = static_cast<T*>(bp_.dk) + ((b * p_.heads_kv + kv_head) * p_.len_k + col0) * dim_;
+    T* dv = static_cast<T*>(bp_.dv) + ((b * p_.heads_kv + kv_head) * p_.len_k + col0) * dim_v_;
+    const int64_t limit = key_limit(b);
+    if (col0 >= limit) {  // padding keys: no query sees them
+      std::fill_n(dk, static_cast<int64_t>(cols) * dim_, T(0));
+      std::fill_n(dv, static_cast<int64_t>(cols) * dim_v_, T(0));
+      return;
+    }
+    const T* k = operand_row<T>(p_.k, b, kv_head, col0);
+    pack_key_tile(b, kv_head, kt, s);
+    std::fill(s.dk_t.begin(), s.dk_t.end(), T(0));
+    std::fill(s.dv_t.begin(), s.dv_t.end(), T(0));
+
+    for (int64_t h = kv_head * group_; h < (kv_head + 1) * group_; ++h) {
+      const Layout& layout = *p_.layouts[h];
+      for (int64_t e = layout.col_start(kt); e < layout.col_start(kt + 1); ++e) {
+        const int64_t qt = layout.query_tiles_by_key()[e];
+        const int rows = tile_rows(qt);
+        const int64_t row0 = qt * kTileQ;
+        const T* kept = tile_grads(b, h, qt, kt, layout.kinds_by_key()[e] == TileKind::Partial, s);
+        mk_.accumulate_pv(kept, rows, operand_row<T>(bp_.grad_out, b, h, row0),
+                          bp_.grad_out.stride_row, dim_v_, s.ones.data(), s.dv_t.data());
+        mk_.accumulate_pv(s.grad.data(), rows, operand_row<T>(p_.q, b, h, row0), p_.q.stride_row,
+                          dim_, s.ones.data(), s.dk_t.data());
+        if (bp_.dbias != nullptr) write_dbias(b, h, row0, rows, col0, cols, s.grad.data());
+        if (with_dq) add_to_dq(b, h, qt, k, cols, s);
+      }
+    }
+    for (int c = 0; c < cols; ++c) {
+      for (int d = 0; d < dim_; ++d) dk[c * dim_ + d] = scale_ * s.dk_t[d * kTileK + c];
+      for (int d = 0; d < dim_v_; ++d) dv[c * dim_v_ + d] = s.dv_t[d * kTileK + c];
+    }
+  }
+
+  // dQ of one query tile from its listed key tiles, recomputing P and dS (the split schedule).
+  void query_tile_dq(int64_t bh, int64_t qt, Scratch<T>& s) {
+    const int64_t b = bh / p_.heads_q, h = bh % p_.heads_q;
+    const int64_t kv_head = h / group_;
+    const Layout& layout = *p_.layouts[h];
+    const int64_t limit = key_limit(b);
+    for (int64_t e = layout.row_start(qt); e < layout.row_start(qt + 1); ++e) {
+      const int64_t kt = layout.key_tiles()[e];
+      if (kt * kTileK >= limit) break;  // key tiles ascend: the rest is padding
+      pack_key_tile(b, kv_head, kt, s);
+      tile_grads(b, h, qt, kt, layout.kinds()[e] == TileKind::Partial, s);
+      add_to_dq(b, h, qt, operand_row<T>(p_.k, b, kv_head, kt * kTileK), tile_cols(kt), s);
+    }
+  }
+
+  // dQ rows of one query tile from its lanes buffer: dq[r][d] = scale * sum over key tiles.
+  void write_dq(int64_t w) {
+    const int64_t qt = w % num_q_tiles_, bh = w / num_q_tiles_;
+    const T* acc = dq_tile(bh / p_.heads_q, bh % p_.heads_q, qt);
+    T* dq = static_cast<T*>(bp_.dq) + (bh * p_.len_q + qt * kTileQ) * dim_;
+    const int rows = tile_rows(qt);
+    for (int r = 0; r < rows; ++r) {
+      for (int d = 0; d < dim_; ++d) dq[r * dim_ + d] = scale_ * acc[d * kTileQ + r];
+    }
+  }
+
+  // ---- one tile ---------------------------------------------------------------------------------
+
+  // k_packed = scale * K and v_packed = V of one key tile, keys along the lanes (zero padded).
+  void pack_key_tile(int64_t b, int64_t kv_head, int64_t kt, Scratch<T>& s) {
+    const int64_t col0 = kt * kTileK;
+    const int cols = tile_cols(kt);
+    mk_.pack_q(operand_row<T>(p_.k, b, kv_head, col0), p_.k.stride_row, cols, dim_, scale_,
+               s.k_packed.data());
+    mk_.pack_q(operand_row<T>(p_.v, b, kv_head, col0), p_.v.stride_row, cols, dim_v_, T(1),
+               s.v_packed.data());
+  }
+
+  // For the (query tile qt, key tile kt) pair of head h, with K and V packed: s.probs = P,
+  // s.grad = dS = P * (dP - delta). Returns the probabilities that multiplied V in the forward
+  // (P, or P after dropout). Rows past the tile's last row hold garbage and are never read.
+  const T* tile_grads(int64_t b, int64_t h, int64_t qt, int64_t kt, bool partial, Scratch<T>& s) {
+    const Layout& layout = *p_.layouts[h];
+    const int64_t row0 = qt * kTileQ, col0 = kt * kTileK;
+    const int rows = tile_rows(qt), cols = tile_cols(kt);
+    const int64_t limit = key_limit(b);
+    T* const probs = s.probs.data();
+    T* const grad = s.grad.data();
+
+    mk_.score_tile(operand_row<T>(p_.q, b, h, row0), p_.q.stride_row, rows, dim_,
+                   s.k_packed.data(), probs);
+    if (p_.bias.data != nullptr) add_bias(b, h, row0, rows, col0, cols, probs);
+    // Lanes past the last key hold scores of zero-padded keys: mask them as well.
+    if (partial || col0 + cols > limit || cols < kTileK || p_.mask.data != nullptr) {
+      tile_row_bits(p_, layout, b, h, row0, rows, kt, cols, partial, limit, s.row_bits.data());
+      bk_.mask_rows(probs, rows, s.row_bits.data());
+    }
+    bk_.probs_from_lse(probs, rows, static_cast<const T*>(bp_.lse) + row_index(b, h, row0));
+    mk_.score_tile(operand_row<T>(bp_.grad_out, b, h, row0), bp_.grad_out.stride_row, rows,
+                   dim_v_, s.v_packed.data(), grad);
+    const T* kept = probs;
+    if (bp_.dropout_p > 0.0) {
+      dropout_keep_bits(b, h, layout.spec().q0 + row0, rows, layout.spec().k0 + col0, cols,
+                        s.keep_bits.data());
+      bk_.apply_dropout(probs, s.kept.data(), grad, rows, s.keep_bits.data(), keep_scale_);
+      kept = s.kept.data();
+    }
+    bk_.grad_scores(probs, grad, rows, delta_.data() + row_index(b, h, row0));
+    return kept;
+  }
+
+  // dQ lanes of (b, h, qt) += dS K for the tile in s.grad (K read in place, unscaled).
+  void add_to_dq(int64_t b, int64_t h, int64_t qt, const T* k, int cols, Scratch<T>& s) {
+    bk_.transpose(s.grad.data(), tile_rows(qt), s.grad_q_lanes.data());
+    mk_.accumulate_pv(s.grad_q_lanes.data(), cols, k, p_.k.stride_row, dim_, s.ones.data(),
+                      dq_tile(b, h, qt));
+  }
+
+  // t[r][c] += bias[row0 + r][col0 + c]
+  void add_bias(int64_t b, int64_t h, int64_t row0, int rows, int64_t col0, int cols, T* t) const {
+    for (int r = 0; r < rows; ++r) {
+      const T* bias = operand_row<T>(p_.bias, b, h, row0 + r) + col0 * p_.bias.stride_col;
+      T* row = t + r * kTileK;
+      for (int c = 0; c < cols; ++c) row[c] += bias[c * p_.bias.stride_col];
+    }
+  }
+
+  // dbias[b][h][row0 + r][col0 + c] = dS[r][c]; each element belongs to one visited tile.
+  void write_dbias(int64_t b, int64_t h, int64_t row0, int rows, int64_t col0, int cols,
+                   const T* grad) const {
+    T* dbias = static_cast<T*>(bp_.dbias) + row_index(b, h, row0) * p_.len_k + col0;
+    for (int r = 0; r < rows; ++r) {
+      std::memcpy(dbias + r * p_.len_k, grad + r * kTileK, sizeof(T) * cols);
+    }
+  }
+
+  // keep[r] bit c: the forward kept (i0 + r, j0 + c), by the rule in backward_params.h.
+  void dropout_keep_bits(int64_t b, int64_t h, int64_t i0, int rows, int64_t j0, int cols,
+                         uint64_t* keep) const {
+    for (int r = 0; r < rows; ++r) {
+      uint64_t bits = 0;
+      for (int c = 0; c < cols; ++c) {
+        const uint64_t draw = random_bits(bp_.seed, RandomStream::Dropout, b, h, i0 + r, j0 + c);
+        if (random_uniform(draw) >= bp_.dropout_p) bits |= uint64_t{1} << c;
+      }
+      keep[r] = bits;
+    }
+  }
+
+  const BackwardParams& bp_;
+  const AttentionParams& p_;
+  const MicroKernels<T>& mk_;
+  const BackwardMicroKernels<T>& bk_;
+  int64_t num_q_tiles_ = 0, num_k_tiles_ = 0, group_ = 1;
+  int dim_ = 0, dim_v_ = 0;
+  T scale_ = 1, keep_scale_ = 1;
+  std::vector<T> delta_;     // rowsum(dO * O), contiguous (batch, heads_q, len_q)
+  std::vector<T> dq_lanes_;  // unscaled dQ per (batch, head, query tile) as [d][r]
+};
+
+void check(const BackwardParams& bp) {
+  const AttentionParams& p = bp.forward;
+  if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0) {
+    throw std::invalid_argument("backward: heads_q must be a multiple of heads_kv");
+  }
+  for (int64_t h = 0; h < p.heads_q; ++h) {
+    const LayoutSpec& s = p.layouts[h]->spec();
+    if (s.len_q != p.len_q || s.len_k != p.len_k || s.tile_q != kTileQ || s.tile_k != kTileK) {
+      throw std::invalid_argument("backward: layout does not match the problem or the tile size");
+    }
+  }
+  if (!(bp.dropout_p >= 0.0 && bp.dropout_p < 1.0)) {
+    throw std::invalid_argument("backward: dropout_p must lie in [0, 1)");
+  }
+  if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1 ||
+      bp.out.stride_col != 1 || bp.grad_out.stride_col != 1) {
+    throw std::invalid_argument("backward: q, k, v, out and grad_out need unit column stride");
+  }
+}
+
+}  // namespace
+
+void backward(const BackwardParams& params) {
+  check(params);
+  const AttentionParams& p = params.forward;
+  if (p.batch * p.heads_q * p.len_q == 0 && p.batch * p.heads_kv * p.len_k == 0) return;
+  if (p.dtype == DType::Float32) {
+    BackwardPass<float>(params, microkernels_f32(), backward_microkernels_f32()).run();
+  } else {
+    BackwardPass<double>(params, microkernels_f64(), backward_microkernels_f64()).run();
+  }
+}
+
+}  // namespace sparse_attn::cpu
