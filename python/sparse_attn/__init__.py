@@ -3,6 +3,7 @@
 from ._version import __version__
 from ._args import get_num_threads, set_num_threads
 from .api import attention
+from .gradients import attention_backward, attention_vjp
 from .patterns import (
     BlockSparse,
     Causal,
@@ -21,6 +22,8 @@ from ._info import build_info, cuda_available
 __all__ = [
     "__version__",
     "attention",
+    "attention_backward",
+    "attention_vjp",
     "build_info",
     "cuda_available",
     "get_num_threads",

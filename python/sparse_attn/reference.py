@@ -13,7 +13,13 @@ import numpy as np
 
 from .patterns import as_head_patterns
 
-__all__ = ["allowed_mask", "attention", "softmax_weights"]
+__all__ = [
+    "allowed_mask",
+    "attention",
+    "attention_backward",
+    "dropout_keep",
+    "softmax_weights",
+]
 
 
 def allowed_mask(pattern, Lq: int, Lk: int, num_heads: int) -> np.ndarray:
@@ -136,3 +142,119 @@ def attention(
     if one_head and out.ndim == 3:  # a 2-D q with no leading dimensions from k or v
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
+
+
+# ---- dropout and gradients ----------------------------------------------------------------------
+
+_MASK64 = (1 << 64) - 1
+_DROPOUT_STREAM = 3  # RandomStream::Dropout in csrc/core/random.h
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def dropout_keep(batch_shape, num_heads: int, Lq: int, Lk: int, dropout_p: float, seed: int):
+    """The pairs dropout keeps, as a bool array (*batch_shape, num_heads, Lq, Lk); small sizes only.
+
+    (i, j) of batch entry b (flattened, C order) and query head h is kept iff
+    ``((random_bits(seed, Dropout, b, h, i, j) >> 40) / 2**24) >= dropout_p``, where random_bits
+    folds each counter into SplitMix64's finaliser (csrc/core/random.h, written out again here).
+    """
+    batch_shape = tuple(batch_shape)
+    shape = (math.prod(batch_shape), num_heads, Lq, Lk)
+    counters = [np.arange(n, dtype=np.uint64).reshape([-1 if a == i else 1 for a in range(4)])
+                for i, n in enumerate(shape)]
+    stream = (int(seed) & _MASK64) ^ (_DROPOUT_STREAM << 56)
+    h = _mix64(np.full((1, 1, 1, 1), stream, dtype=np.uint64))
+    for counter in counters:
+        h = _mix64(h ^ counter)
+    uniform = (h >> np.uint64(40)).astype(np.float64) / 2.0**24
+    return (uniform >= dropout_p).reshape(*batch_shape, num_heads, Lq, Lk)
+
+
+def _sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum a gradient over the axes that broadcasting added or stretched, giving ``shape``."""
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad.reshape(shape)
+
+
+def attention_backward(
+    q,
+    k,
+    v,
+    out,
+    lse,
+    grad_out,
+    pattern=None,
+    *,
+    mask=None,
+    bias=None,
+    scale=None,
+    score="dot",
+    key_lengths=None,
+    dropout_p=0.0,
+    seed=None,
+    return_dbias=False,
+    threads=None,
+):
+    """Gradients of ``attention`` in float64 from the materialised probabilities.
+
+    Returns ``(dq, dk, dv)`` with the shapes of ``q``, ``k``, ``v`` (and ``dbias`` with the shape
+    of ``bias`` when ``return_dbias``): gradients over broadcast or grouped axes are summed.
+    Arguments as for ``sparse_attn.attention_backward``; this oracle recomputes everything from
+    ``q``, ``k``, ``v`` and only checks the shapes of ``out`` and ``lse``. With ``dropout_p > 0``
+    the kept set is ``dropout_keep(...)`` for ``seed``. ``threads`` is accepted and ignored.
+    """
+    if score != "dot":
+        raise NotImplementedError(f"reference.attention_backward: score={score!r}")
+    q_shape, k_shape, v_shape = np.shape(q), np.shape(k), np.shape(v)
+    q, k, v = _as_heads(q, "q"), _as_heads(k, "k"), _as_heads(v, "v")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores, allowed = _scores_and_allowed(
+        q, k, pattern, mask, bias, scale, key_lengths, lead=v.shape[:-3]
+    )
+    probs, _ = _softmax(scores, allowed)
+    batch, (Hq, Lq, Lk) = probs.shape[:-3], probs.shape[-3:]
+    Hkv, group = k.shape[-3], Hq // k.shape[-3]
+    if np.shape(out)[-2:] != (Lq, v.shape[-1]) or np.shape(lse)[-1:] != (Lq,):
+        raise ValueError(f"out {np.shape(out)} or lse {np.shape(lse)} do not fit q and v")
+
+    grad_out = np.broadcast_to(_as_heads(grad_out, "grad_out"), (*batch, Hq, Lq, v.shape[-1]))
+    q_full = np.broadcast_to(q, (*batch, Hq, Lq, q.shape[-1]))
+    k_full = np.repeat(k, group, axis=-3)
+    v_full = np.repeat(v, group, axis=-3)
+
+    # out = (probs * kept / (1 - p)) @ v; dS = P * (dP - rowsum(P * dP)) with dP through dropout.
+    kept_scale = np.ones(())
+    if dropout_p:
+        kept_scale = dropout_keep(batch, Hq, Lq, Lk, dropout_p, seed) / (1.0 - dropout_p)
+    dv = np.swapaxes(probs * kept_scale, -1, -2) @ grad_out
+    dprobs = (grad_out @ np.swapaxes(v_full, -1, -2)) * kept_scale
+    dscores = probs * (dprobs - (probs * dprobs).sum(axis=-1, keepdims=True))
+    dq = scale * (dscores @ k_full)
+    dk = scale * (np.swapaxes(dscores, -1, -2) @ q_full)
+
+    def per_kv_head(grad):  # query head h reads kv head h // group: sum each group
+        return grad.reshape(*grad.shape[:-3], Hkv, group, *grad.shape[-2:]).sum(axis=-3)
+
+    grads = (
+        _sum_to_shape(dq, q_shape),
+        _sum_to_shape(per_kv_head(dk), k_shape),
+        _sum_to_shape(per_kv_head(dv), v_shape),
+    )
+    if return_dbias:
+        if bias is None:
+            raise ValueError("return_dbias=True needs a bias")
+        grads += (_sum_to_shape(dscores, np.shape(bias)),)
+    return grads
