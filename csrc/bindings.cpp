@@ -18,6 +18,7 @@
 #include "cpu/backward.h"
 #include "cpu/forward.h"
 #include "cpu/microkernels.h"
+#include "interrupt.h"
 
 namespace py = pybind11;
 using sparse_attn::AttentionParams;
@@ -73,7 +74,7 @@ py::array_t<uint8_t> dense_kinds(const Layout& layout) {
 }
 
 // An operand arrives from Python as (array, batch_offsets, stride_head, stride_row, stride_col)
-// with strides in elements, computed by api.py from the array's own strides.
+// with strides in elements, computed by _args.py from the array's own strides.
 Operand to_operand(const py::object& spec, const py::dtype& dtype, std::vector<py::object>& keep) {
   Operand op;
   if (spec.is_none()) return op;
@@ -92,140 +93,148 @@ Operand to_operand(const py::object& spec, const py::dtype& dtype, std::vector<p
   return op;
 }
 
-void forward(py::dict shape, py::object q, py::object k, py::object v, py::object mask,
-             py::object bias, py::object key_lengths, double scale, py::array out, py::object lse,
-             const std::vector<LayoutPtr>& layouts, int num_threads) {
+// A result or auxiliary array: C-contiguous, of the given dtype and size; null when None.
+template <typename Pointer>
+Pointer buffer(const py::dict& d, const char* name, const py::dtype& dtype, int64_t size,
+               std::vector<py::object>& keep) {
+  if (!d.contains(name) || d[name].is_none()) return nullptr;
+  auto arr = d[name].cast<py::array>();
+  if (!arr.dtype().is(dtype) || !(arr.flags() & py::array::c_style) || arr.size() != size) {
+    throw std::invalid_argument(std::string("bad array for ") + name);
+  }
+  keep.push_back(arr);
+  return static_cast<Pointer>(arr.mutable_data());
+}
+
+// Fills the parameter struct from three dicts built by api.py. `keep` holds the arrays its
+// pointers point into and `raw` its layout pointers: both must outlive the kernel call.
+AttentionParams attention_params(const py::dict& config, const py::dict& operands,
+                                 const py::dict& arrays, const std::vector<LayoutPtr>& layouts,
+                                 int num_threads, std::vector<py::object>& keep,
+                                 std::vector<const Layout*>& raw) {
   AttentionParams p;
-  const py::dtype dtype = out.dtype();
+  const py::dtype dtype(config["dtype"].cast<std::string>());
   if (dtype.is(py::dtype::of<float>())) {
     p.dtype = sparse_attn::DType::Float32;
   } else if (dtype.is(py::dtype::of<double>())) {
     p.dtype = sparse_attn::DType::Float64;
   } else {
-    throw std::invalid_argument("forward: out must be float32 or float64");
+    throw std::invalid_argument("forward: dtype must be float32 or float64");
   }
-  p.batch = shape["batch"].cast<int64_t>();
-  p.heads_q = shape["heads_q"].cast<int64_t>();
-  p.heads_kv = shape["heads_kv"].cast<int64_t>();
-  p.len_q = shape["len_q"].cast<int64_t>();
-  p.len_k = shape["len_k"].cast<int64_t>();
-  p.dim_qk = shape["dim_qk"].cast<int64_t>();
-  p.dim_v = shape["dim_v"].cast<int64_t>();
-  std::vector<py::object> keep;
-  p.q = to_operand(q, dtype, keep);
-  p.k = to_operand(k, dtype, keep);
-  p.v = to_operand(v, dtype, keep);
-  p.mask = to_operand(mask, py::dtype::of<uint8_t>(), keep);
-  p.bias = to_operand(bias, dtype, keep);
-  if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1) {
-    throw std::invalid_argument("forward: q, k, v need unit column stride");
+  p.mode = static_cast<sparse_attn::Mode>(config["mode"].cast<int>());
+  p.score = static_cast<sparse_attn::ScoreKind>(config["score"].cast<int>());
+  for (const char* key : {"batch", "heads_q", "heads_kv", "len_q", "len_k", "dim_qk", "dim_v"}) {
+    if (!config.contains(key)) throw std::invalid_argument(std::string("forward: missing ") + key);
   }
-  Int64Array lengths;
-  if (!key_lengths.is_none()) {
-    lengths = key_lengths.cast<Int64Array>();
-    if (lengths.size() != p.batch) throw std::invalid_argument("forward: key_lengths size");
-    p.key_lengths = lengths.data();
+  p.batch = config["batch"].cast<int64_t>();
+  p.heads_q = config["heads_q"].cast<int64_t>();
+  p.heads_kv = config["heads_kv"].cast<int64_t>();
+  p.len_q = config["len_q"].cast<int64_t>();
+  p.len_k = config["len_k"].cast<int64_t>();
+  p.dim_qk = config["dim_qk"].cast<int64_t>();
+  p.dim_v = config["dim_v"].cast<int64_t>();
+  p.q0 = config["q0"].cast<int64_t>();
+  p.k0 = config["k0"].cast<int64_t>();
+  p.scale = config["scale"].cast<double>();
+  p.softcap = config["softcap"].cast<double>();
+  p.dropout_p = config["dropout_p"].cast<double>();
+  p.sample = config["sample"].cast<bool>();
+  p.temperature = config["temperature"].cast<double>();
+  p.seed = config["seed"].cast<uint64_t>();
+  p.additive_dim = config["additive_dim"].cast<int64_t>();
+
+  const auto u8 = py::dtype::of<uint8_t>();
+  const auto i64 = py::dtype::of<int64_t>();
+  const auto f64 = py::dtype::of<double>();
+  p.q = to_operand(operands["q"], dtype, keep);
+  p.k = to_operand(operands["k"], dtype, keep);
+  p.v = to_operand(operands["v"], dtype, keep);
+  p.mask = to_operand(operands["mask"], u8, keep);
+  p.bias = to_operand(operands["bias"], dtype, keep);
+  p.q_proj = to_operand(operands["q_proj"], dtype, keep);
+  p.k_proj = to_operand(operands["k_proj"], dtype, keep);
+  if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1 ||
+      p.q_proj.stride_col != 1 || p.k_proj.stride_col != 1) {
+    throw std::invalid_argument("forward: q, k, v and projections need unit column stride");
   }
-  if (!(out.flags() & py::array::c_style) || !out.writeable() ||
-      out.size() != p.batch * p.heads_q * p.len_q * p.dim_v) {
-    throw std::invalid_argument("forward: out must be a writeable C-contiguous result array");
-  }
-  p.out = out.mutable_data();
-  py::array lse_arr;
-  if (!lse.is_none()) {
-    lse_arr = lse.cast<py::array>();
-    if (!lse_arr.dtype().is(dtype) || !(lse_arr.flags() & py::array::c_style) ||
-        lse_arr.size() != p.batch * p.heads_q * p.len_q) {
-      throw std::invalid_argument("forward: lse must be a C-contiguous result array");
-    }
-    p.lse = lse_arr.mutable_data();
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  p.key_lengths = buffer<const int64_t*>(arrays, "key_lengths", i64, p.batch, keep);
+  p.alibi_slopes = buffer<const double*>(arrays, "alibi_slopes", f64, p.heads_q, keep);
+  p.additive_w = buffer<const void*>(arrays, "additive_w", dtype, p.additive_dim, keep);
+  p.out = buffer<void*>(arrays, "out", dtype, rows * p.dim_v, keep);
+  p.lse = buffer<void*>(arrays, "lse", dtype, rows, keep);
+  p.index = buffer<int64_t*>(arrays, "index", i64, rows, keep);
+  p.row_counts = buffer<int64_t*>(arrays, "row_counts", i64, rows, keep);
+  p.csr_row_ptr = buffer<const int64_t*>(arrays, "csr_row_ptr", i64, rows + 1, keep);
+  if (p.csr_row_ptr != nullptr) {
+    const int64_t nnz = p.csr_row_ptr[rows];
+    p.csr_col_index = buffer<int64_t*>(arrays, "csr_col_index", i64, nnz, keep);
+    p.weights = buffer<void*>(arrays, "weights", dtype, nnz, keep);
+  } else {
+    p.weights = buffer<void*>(arrays, "weights", dtype, rows * p.len_k, keep);
   }
   if (static_cast<int64_t>(layouts.size()) != p.heads_q) {
     throw std::invalid_argument("forward: one layout per query head is required");
   }
-  std::vector<const Layout*> raw(layouts.size());
+  raw.resize(layouts.size());
   for (size_t h = 0; h < layouts.size(); ++h) raw[h] = layouts[h].get();
   p.layouts = raw.data();
-  p.scale = scale;
   p.num_threads = num_threads;
-  py::gil_scoped_release release;
-  sparse_attn::cpu::forward(p);
+  return p;
 }
 
-// The gradient of one forward call: `problem` holds the forward's arguments as passed to
-// forward() (shape, q, k, v, mask, bias, key_lengths, scale, layouts, num_threads); `out` and
-// `grad_out` are operands, lse and the gradients C-contiguous arrays of the forward's dtype.
-void backward(py::tuple problem, py::object out, py::object grad_out, py::array lse,
-              double dropout_p, uint64_t seed, py::array dq, py::array dk, py::array dv,
-              py::object dbias) {
-  if (problem.size() != 10) throw std::invalid_argument("backward: problem must be a 10-tuple");
+// Runs kernel(cancel flag) with the GIL released and Ctrl-C polled by the kernels; an
+// interrupt is handed to Python's handler afterwards (the result is incomplete anyway).
+template <typename Kernel>
+void run_interruptible(Kernel kernel) {
+  bool interrupted = false;
+  {
+    sparse_attn::InterruptScope interrupt;
+    py::gil_scoped_release release;
+    kernel(interrupt.cancel());
+    interrupted = interrupt.interrupted();
+  }
+  if (interrupted) {
+    PyErr_SetInterrupt();
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+    PyErr_SetNone(PyExc_KeyboardInterrupt);
+    throw py::error_already_set();
+  }
+}
+
+void forward(const py::dict& config, const py::dict& operands, const py::dict& arrays,
+             const std::vector<LayoutPtr>& layouts, int num_threads) {
+  std::vector<py::object> keep;
+  std::vector<const Layout*> raw;
+  AttentionParams p = attention_params(config, operands, arrays, layouts, num_threads, keep, raw);
+  run_interruptible([&](const std::atomic<bool>* cancel) {
+    p.cancel = cancel;
+    sparse_attn::cpu::forward(p);
+  });
+}
+
+// The gradient of the forward call described by the same three dicts (with the forward's lse
+// in arrays["lse"]); `grads` holds the operands "out" and "grad_out" and the C-contiguous
+// result arrays "dq", "dk", "dv" and "dbias" (None: not wanted).
+void backward(const py::dict& config, const py::dict& operands, const py::dict& arrays,
+              const std::vector<LayoutPtr>& layouts, int num_threads, const py::dict& grads) {
+  std::vector<py::object> keep;
+  std::vector<const Layout*> raw;
   sparse_attn::BackwardParams bp;
   AttentionParams& p = bp.forward;
-  const py::dtype dtype = dq.dtype();
-  if (dtype.is(py::dtype::of<float>())) {
-    p.dtype = sparse_attn::DType::Float32;
-  } else if (dtype.is(py::dtype::of<double>())) {
-    p.dtype = sparse_attn::DType::Float64;
-  } else {
-    throw std::invalid_argument("backward: dq must be float32 or float64");
-  }
-  auto shape = problem[0].cast<py::dict>();
-  p.batch = shape["batch"].cast<int64_t>();
-  p.heads_q = shape["heads_q"].cast<int64_t>();
-  p.heads_kv = shape["heads_kv"].cast<int64_t>();
-  p.len_q = shape["len_q"].cast<int64_t>();
-  p.len_k = shape["len_k"].cast<int64_t>();
-  p.dim_qk = shape["dim_qk"].cast<int64_t>();
-  p.dim_v = shape["dim_v"].cast<int64_t>();
-  std::vector<py::object> keep;
-  p.q = to_operand(problem[1], dtype, keep);
-  p.k = to_operand(problem[2], dtype, keep);
-  p.v = to_operand(problem[3], dtype, keep);
-  p.mask = to_operand(problem[4], py::dtype::of<uint8_t>(), keep);
-  p.bias = to_operand(problem[5], dtype, keep);
-  bp.out = to_operand(out, dtype, keep);
-  bp.grad_out = to_operand(grad_out, dtype, keep);
-  Int64Array lengths;
-  if (!problem[6].is_none()) {
-    lengths = problem[6].cast<Int64Array>();
-    if (lengths.size() != p.batch) throw std::invalid_argument("backward: key_lengths size");
-    p.key_lengths = lengths.data();
-  }
-  p.scale = problem[7].cast<double>();
-  const auto layouts = problem[8].cast<std::vector<LayoutPtr>>();
-  if (static_cast<int64_t>(layouts.size()) != p.heads_q) {
-    throw std::invalid_argument("backward: one layout per query head is required");
-  }
-  std::vector<const Layout*> raw(layouts.size());
-  for (size_t h = 0; h < layouts.size(); ++h) raw[h] = layouts[h].get();
-  p.layouts = raw.data();
-  p.num_threads = problem[9].cast<int>();
-  auto contiguous = [&](const py::array& a, int64_t size, const char* what) {
-    if (!a.dtype().is(dtype) || !(a.flags() & py::array::c_style) || a.size() != size) {
-      throw std::invalid_argument(std::string("backward: ") + what +
-                                  " must be a C-contiguous array of the right size and dtype");
-    }
-  };
-  auto result = [&](py::array& a, int64_t size, const char* what) {
-    contiguous(a, size, what);
-    if (!a.writeable()) throw std::invalid_argument(std::string("backward: ") + what + " is read-only");
-    return a.mutable_data();
-  };
+  p = attention_params(config, operands, arrays, layouts, num_threads, keep, raw);
+  const py::dtype dtype(config["dtype"].cast<std::string>());
+  bp.out = to_operand(grads["out"], dtype, keep);
+  bp.grad_out = to_operand(grads["grad_out"], dtype, keep);
   const int64_t rows_q = p.batch * p.heads_q * p.len_q, rows_k = p.batch * p.heads_kv * p.len_k;
-  contiguous(lse, rows_q, "lse");
-  bp.lse = lse.data();
-  bp.dq = result(dq, rows_q * p.dim_qk, "dq");
-  bp.dk = result(dk, rows_k * p.dim_qk, "dk");
-  bp.dv = result(dv, rows_k * p.dim_v, "dv");
-  py::array dbias_arr;
-  if (!dbias.is_none()) {
-    dbias_arr = dbias.cast<py::array>();
-    bp.dbias = result(dbias_arr, rows_q * p.len_k, "dbias");
-  }
-  bp.dropout_p = dropout_p;
-  bp.seed = seed;
-  py::gil_scoped_release release;
-  sparse_attn::cpu::backward(bp);
+  bp.dq = buffer<void*>(grads, "dq", dtype, rows_q * p.dim_qk, keep);
+  bp.dk = buffer<void*>(grads, "dk", dtype, rows_k * p.dim_qk, keep);
+  bp.dv = buffer<void*>(grads, "dv", dtype, rows_k * p.dim_v, keep);
+  bp.dbias = buffer<void*>(grads, "dbias", dtype, rows_q * p.len_k, keep);
+  run_interruptible([&](const std::atomic<bool>* cancel) {
+    p.cancel = cancel;
+    sparse_attn::cpu::backward(bp);
+  });
 }
 
 py::dict build_info() {
@@ -249,6 +258,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "sparse_attn compiled core (private: import sparse_attn instead)";
+  sparse_attn::InterruptScope::remember_main_thread();
   // pybind11 maps std::invalid_argument to ValueError and std::bad_alloc to MemoryError.
   py::class_<Layout, LayoutPtr>(m, "Layout")
       .def_property_readonly("num_q_tiles", &Layout::num_q_tiles)

@@ -42,7 +42,8 @@ struct Scratch {
   std::vector<T> probs, grad, kept;   // P, dP (then dS) and P after dropout: [r][c]
   std::vector<T> grad_q_lanes;        // dS as [c][r], for dQ
   std::vector<T> dk_t, dv_t;          // sum over query rows: [d][c], [e][c]
-  std::vector<T> ones;                // the accumulators' rescale factor: none
+  std::vector<T> key_scale, ones;     // pack_q's row scales for K (scale) and V (1); ones are
+                                      // also the accumulators' rescale factor: none
   std::vector<uint64_t> row_bits, keep_bits;
   Scratch(int dim_qk, int dim_v)
       : k_packed(static_cast<size_t>(dim_qk) * kTileK),
@@ -53,6 +54,7 @@ struct Scratch {
         grad_q_lanes(kTileQ * kTileK),
         dk_t(static_cast<size_t>(dim_qk) * kTileK),
         dv_t(static_cast<size_t>(dim_v) * kTileK),
+        key_scale(kTileK),
         ones(kTileQ, T(1)),
         row_bits(kTileQ),
         keep_bits(kTileQ) {}
@@ -70,7 +72,7 @@ class BackwardPass {
     dim_ = static_cast<int>(p_.dim_qk);
     dim_v_ = static_cast<int>(p_.dim_v);
     scale_ = static_cast<T>(p_.scale);
-    keep_scale_ = static_cast<T>(1.0 / (1.0 - bp_.dropout_p));
+    keep_scale_ = T(1) / (T(1) - static_cast<T>(p_.dropout_p));  // as the forward scales
   }
 
   void run() {
@@ -88,7 +90,10 @@ class BackwardPass {
     dq_lanes_.resize(static_cast<size_t>(query_items) * dim_ * kTileQ);
     std::vector<Scratch<T>> scratches;
     scratches.reserve(threads);
-    for (int t = 0; t < threads; ++t) scratches.emplace_back(dim_, dim_v_);
+    for (int t = 0; t < threads; ++t) {
+      scratches.emplace_back(dim_, dim_v_);
+      std::fill(scratches.back().key_scale.begin(), scratches.back().key_scale.end(), scale_);
+    }
 
 #pragma omp parallel num_threads(threads)
     {
@@ -98,19 +103,21 @@ class BackwardPass {
       if (fused) {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < group_items; ++w) {
-          for (int64_t kt = 0; kt < num_k_tiles_; ++kt) key_tile(w, kt, true, scratch);
+          for (int64_t kt = 0; kt < num_k_tiles_ && !cancelled(); ++kt) {
+            key_tile(w, kt, true, scratch);
+          }
         }
       } else {
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < key_items; ++w) {
-          key_tile(w / num_k_tiles_, w % num_k_tiles_, false, scratch);
+          if (!cancelled()) key_tile(w / num_k_tiles_, w % num_k_tiles_, false, scratch);
         }
         // Most expensive query tiles first, so the threads run out of work together.
         const int64_t per_rank = p_.batch * p_.heads_q;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t w = 0; w < query_items; ++w) {
           const int64_t bh = w % per_rank, h = bh % p_.heads_q;
-          query_tile_dq(bh, p_.layouts[h]->q_tiles_by_cost()[w / per_rank], scratch);
+          if (!cancelled()) query_tile_dq(bh, p_.layouts[h]->q_tiles_by_cost()[w / per_rank], scratch);
         }
       }
 #pragma omp for schedule(static)
@@ -119,6 +126,11 @@ class BackwardPass {
   }
 
  private:
+  // Ctrl-C from Python: stop between tiles (the result is discarded).
+  bool cancelled() const {
+    return p_.cancel != nullptr && p_.cancel->load(std::memory_order_relaxed);
+  }
+
   // ---- indexing ---------------------------------------------------------------------------------
 
   int64_t key_limit(int64_t b) const {
@@ -182,12 +194,12 @@ class BackwardPass {
         const int64_t qt = layout.query_tiles_by_key()[e];
         const int rows = tile_rows(qt);
         const int64_t row0 = qt * kTileQ;
-        const T* kept = tile_grads(b, h, qt, kt, layout.kinds_by_key()[e] == TileKind::Partial, s);
+        const bool partial = layout.kinds_by_key()[e] == TileKind::Partial;
+        const T* kept = tile_grads(b, h, qt, kt, partial, bp_.dbias != nullptr, s);
         mk_.accumulate_pv(kept, rows, operand_row<T>(bp_.grad_out, b, h, row0),
                           bp_.grad_out.stride_row, dim_v_, s.ones.data(), s.dv_t.data());
         mk_.accumulate_pv(s.grad.data(), rows, operand_row<T>(p_.q, b, h, row0), p_.q.stride_row,
                           dim_, s.ones.data(), s.dk_t.data());
-        if (bp_.dbias != nullptr) write_dbias(b, h, row0, rows, col0, cols, s.grad.data());
         if (with_dq) add_to_dq(b, h, qt, k, cols, s);
       }
     }
@@ -207,7 +219,7 @@ class BackwardPass {
       const int64_t kt = layout.key_tiles()[e];
       if (kt * kTileK >= limit) break;  // key tiles ascend: the rest is padding
       pack_key_tile(b, kv_head, kt, s);
-      tile_grads(b, h, qt, kt, layout.kinds()[e] == TileKind::Partial, s);
+      tile_grads(b, h, qt, kt, layout.kinds()[e] == TileKind::Partial, false, s);
       add_to_dq(b, h, qt, operand_row<T>(p_.k, b, kv_head, kt * kTileK), tile_cols(kt), s);
     }
   }
@@ -229,16 +241,18 @@ class BackwardPass {
   void pack_key_tile(int64_t b, int64_t kv_head, int64_t kt, Scratch<T>& s) {
     const int64_t col0 = kt * kTileK;
     const int cols = tile_cols(kt);
-    mk_.pack_q(operand_row<T>(p_.k, b, kv_head, col0), p_.k.stride_row, cols, dim_, scale_,
-               s.k_packed.data());
-    mk_.pack_q(operand_row<T>(p_.v, b, kv_head, col0), p_.v.stride_row, cols, dim_v_, T(1),
-               s.v_packed.data());
+    mk_.pack_q(operand_row<T>(p_.k, b, kv_head, col0), p_.k.stride_row, cols, dim_,
+               s.key_scale.data(), s.k_packed.data());
+    mk_.pack_q(operand_row<T>(p_.v, b, kv_head, col0), p_.v.stride_row, cols, dim_v_,
+               s.ones.data(), s.v_packed.data());
   }
 
   // For the (query tile qt, key tile kt) pair of head h, with K and V packed: s.probs = P,
-  // s.grad = dS = P * (dP - delta). Returns the probabilities that multiplied V in the forward
-  // (P, or P after dropout). Rows past the tile's last row hold garbage and are never read.
-  const T* tile_grads(int64_t b, int64_t h, int64_t qt, int64_t kt, bool partial, Scratch<T>& s) {
+  // s.grad = dS = P * (dP - delta), also written to dbias when with_dbias. Returns the
+  // probabilities that multiplied V in the forward (P, or P after dropout). Rows past the
+  // tile's last row hold garbage and are never read.
+  const T* tile_grads(int64_t b, int64_t h, int64_t qt, int64_t kt, bool partial,
+                      bool with_dbias, Scratch<T>& s) {
     const Layout& layout = *p_.layouts[h];
     const int64_t row0 = qt * kTileQ, col0 = kt * kTileK;
     const int rows = tile_rows(qt), cols = tile_cols(kt);
@@ -254,17 +268,17 @@ class BackwardPass {
       tile_row_bits(p_, layout, b, h, row0, rows, kt, cols, partial, limit, s.row_bits.data());
       bk_.mask_rows(probs, rows, s.row_bits.data());
     }
-    bk_.probs_from_lse(probs, rows, static_cast<const T*>(bp_.lse) + row_index(b, h, row0));
+    bk_.probs_from_lse(probs, rows, static_cast<const T*>(p_.lse) + row_index(b, h, row0));
     mk_.score_tile(operand_row<T>(bp_.grad_out, b, h, row0), bp_.grad_out.stride_row, rows,
                    dim_v_, s.v_packed.data(), grad);
     const T* kept = probs;
-    if (bp_.dropout_p > 0.0) {
-      dropout_keep_bits(b, h, layout.spec().q0 + row0, rows, layout.spec().k0 + col0, cols,
-                        s.keep_bits.data());
+    if (p_.dropout_p > 0.0) {
+      dropout_keep_bits(b, h, p_.q0 + row0, rows, p_.k0 + col0, cols, s.keep_bits.data());
       bk_.apply_dropout(probs, s.kept.data(), grad, rows, s.keep_bits.data(), keep_scale_);
       kept = s.kept.data();
     }
     bk_.grad_scores(probs, grad, rows, delta_.data() + row_index(b, h, row0));
+    if (with_dbias) write_dbias(b, h, row0, rows, col0, cols, grad);
     return kept;
   }
 
@@ -293,14 +307,16 @@ class BackwardPass {
     }
   }
 
-  // keep[r] bit c: the forward kept (i0 + r, j0 + c), by the rule in backward_params.h.
+  // keep[r] bit c: the forward kept the pair at absolute (i0 + r, j0 + c), i.e. its draw
+  // random_bits(seed, Dropout, b, h, i, j) is uniform >= dropout_p (compared in float).
   void dropout_keep_bits(int64_t b, int64_t h, int64_t i0, int rows, int64_t j0, int cols,
                          uint64_t* keep) const {
+    const float drop = static_cast<float>(p_.dropout_p);
     for (int r = 0; r < rows; ++r) {
+      const uint64_t row = random_row_prefix(p_.seed, RandomStream::Dropout, b, h, i0 + r);
       uint64_t bits = 0;
       for (int c = 0; c < cols; ++c) {
-        const uint64_t draw = random_bits(bp_.seed, RandomStream::Dropout, b, h, i0 + r, j0 + c);
-        if (random_uniform(draw) >= bp_.dropout_p) bits |= uint64_t{1} << c;
+        if (random_uniform(random_bits_in_row(row, j0 + c)) >= drop) bits |= uint64_t{1} << c;
       }
       keep[r] = bits;
     }
@@ -328,8 +344,14 @@ void check(const BackwardParams& bp) {
       throw std::invalid_argument("backward: layout does not match the problem or the tile size");
     }
   }
-  if (!(bp.dropout_p >= 0.0 && bp.dropout_p < 1.0)) {
+  if (!(p.dropout_p >= 0.0 && p.dropout_p < 1.0)) {
     throw std::invalid_argument("backward: dropout_p must lie in [0, 1)");
+  }
+  if (p.mode != Mode::Softmax || p.lse == nullptr) {
+    throw std::invalid_argument("backward: differentiates a softmax pass and needs its lse");
+  }
+  if (p.score != ScoreKind::Dot || p.softcap > 0.0 || p.alibi_slopes != nullptr) {
+    throw std::invalid_argument("backward: only the plain dot-product score is supported");
   }
   if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1 ||
       bp.out.stride_col != 1 || bp.grad_out.stride_col != 1) {

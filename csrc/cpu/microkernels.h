@@ -17,11 +17,19 @@ constexpr int kTileK = 64;  // keys per tile: one uint64_t of mask bits per quer
 
 template <typename T>
 struct MicroKernels {
-  // q_packed[d * kTileQ + r] = scale * q[r][d] for r < rows; zero for rows <= r < kTileQ.
-  void (*pack_q)(const T* q, int64_t q_row_stride, int rows, int dim, T scale, T* q_packed);
+  // q_packed[d * kTileQ + r] = row_scale[r] * q[r][d] for r < rows; zero for r >= rows.
+  void (*pack_q)(const T* q, int64_t q_row_stride, int rows, int dim, const T* row_scale,
+                 T* q_packed);
   // s[c * kTileQ + r] = sum_d k[c][d] * q_packed[d][r] for c < cols and every lane r.
   void (*score_tile)(const T* k, int64_t k_row_stride, int cols, int dim, const T* q_packed,
                      T* s);
+  // Additive score: s[c][r] = sum_a w[a] * tanh(qp_packed[a][r] + k_proj[c][a]).
+  void (*additive_score_tile)(const T* k_proj, int64_t k_row_stride, int cols, int adim,
+                              const T* qp_packed, const T* w, T* s);
+  // s[c][r] = softcap(s[c][r] * col_scale[c]) - alibi_slope * |(i0 + r) - (j0 + c)|, where
+  // col_scale may be null (1), softcap <= 0 means none, alibi_slope == 0 means none.
+  void (*score_epilogue)(T* s, int cols, const T* col_scale, T softcap, T alibi_slope,
+                         int64_t i0, int64_t j0);
   // s[c][r] = -inf where bit c of row_bits[r] is clear (c < cols, every lane r).
   void (*mask_tile)(T* s, int cols, const uint64_t* row_bits);
   // Online softmax down the columns c < cols of every lane r: s becomes exp(s - new_max),

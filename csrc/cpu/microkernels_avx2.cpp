@@ -35,6 +35,22 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, lowest, _CMP_LT_OQ));
 }
 
+// tanh, eight lanes: the same formula as portable::tanh_approx (absolute error about 1e-7).
+inline __m256 tanh_approx(__m256 x) {
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  const __m256 ax = _mm256_andnot_ps(sign_bit, x);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_set1_ps(-2.0f), ax));
+  const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 x2 = _mm256_mul_ps(ax, ax);
+  __m256 poly = _mm256_fmadd_ps(x2, _mm256_set1_ps(-17.0f / 315.0f), _mm256_set1_ps(2.0f / 15.0f));
+  poly = _mm256_fmadd_ps(x2, poly, _mm256_set1_ps(-1.0f / 3.0f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(ax, x2), poly, ax);
+  const __m256 t = _mm256_blendv_ps(big, small, _mm256_cmp_ps(ax, _mm256_set1_ps(0.0625f), _CMP_LT_OQ));
+  // copy the sign of x back; a NaN x keeps its NaN through ax and e
+  return _mm256_or_ps(t, _mm256_and_ps(sign_bit, x));
+}
+
 // c[i][0:16] (+)= sum_k a_i[k * a_col_stride] * b[k * kTileQ + 0:16] for i < R.
 // With scale != null the old c is multiplied lane-wise by scale[0:16] first (accumulate mode).
 template <int R>
@@ -99,6 +115,47 @@ void accumulate_pv(const float* p, int cols, const float* v, int64_t v_row_strid
   lanes_gemm(v, 1, v_row_stride, dim_v, cols, p, acc, corr);
 }
 
+void additive_score_tile(const float* k_proj, int64_t k_row_stride, int cols, int adim,
+                         const float* qp_packed, const float* w, float* s) {
+  for (int c = 0; c < cols; ++c) {
+    const float* key = k_proj + c * k_row_stride;
+    for (int g = 0; g < kTileQ; g += kLanes) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int a = 0; a < adim; ++a) {
+        const __m256 arg = _mm256_add_ps(_mm256_loadu_ps(qp_packed + a * kTileQ + g),
+                                         _mm256_broadcast_ss(key + a));
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(w + a), tanh_approx(arg), acc);
+      }
+      _mm256_storeu_ps(s + c * kTileQ + g, acc);
+    }
+  }
+}
+
+void score_epilogue(float* s, int cols, const float* col_scale, float softcap, float alibi_slope,
+                    int64_t i0, int64_t j0) {
+  const __m256 lane_index = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  for (int c = 0; c < cols; ++c) {
+    float* lanes = s + c * kTileQ;
+    const __m256 column_scale = _mm256_set1_ps(col_scale != nullptr ? col_scale[c] : 1.0f);
+    const float offset = static_cast<float>(i0 - (j0 + c));  // i - j = offset + r
+    for (int g = 0; g < kTileQ; g += kLanes) {
+      __m256 x = _mm256_loadu_ps(lanes + g);
+      if (col_scale != nullptr) x = _mm256_mul_ps(x, column_scale);
+      if (softcap > 0.0f) {
+        x = _mm256_mul_ps(_mm256_set1_ps(softcap),
+                          tanh_approx(_mm256_mul_ps(x, _mm256_set1_ps(1.0f / softcap))));
+      }
+      if (alibi_slope != 0.0f) {
+        const __m256 distance =
+            _mm256_add_ps(_mm256_set1_ps(offset + static_cast<float>(g)), lane_index);
+        x = _mm256_fnmadd_ps(_mm256_set1_ps(alibi_slope), _mm256_andnot_ps(sign_bit, distance), x);
+      }
+      _mm256_storeu_ps(lanes + g, x);
+    }
+  }
+}
+
 void mask_tile(float* s, int cols, const uint64_t* row_bits) {
   alignas(32) uint32_t low[kTileQ], high[kTileQ];
   for (int r = 0; r < kTileQ; ++r) {
@@ -142,7 +199,8 @@ void softmax_update(float* s, int cols, float* row_max, float* row_sum, float* c
 }
 
 MicroKernels<float> make_table_f32() {
-  return {&portable::pack_q<float>, &score_tile, &mask_tile, &softmax_update, &accumulate_pv};
+  return {&portable::pack_q<float>, &score_tile,     &additive_score_tile, &score_epilogue,
+          &mask_tile,                &softmax_update, &accumulate_pv};
 }
 
 }  // namespace

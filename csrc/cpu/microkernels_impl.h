@@ -41,11 +41,26 @@ inline float exp_nonpositive(float x) {
 
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
+// tanh through exp(-2|x|), with a Taylor polynomial below |x| < 1/16 where 1 - exp(-2|x|)
+// would cancel: absolute error about 1e-7 (float).
+inline float tanh_approx(float x) {
+  const float ax = x < 0.0f ? -x : x;
+  const float e = exp_nonpositive(-2.0f * ax);
+  const float big = (1.0f - e) / (1.0f + e);
+  const float x2 = ax * ax;
+  const float small = ax + ax * x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f)));
+  const float t = ax < 0.0625f ? small : big;
+  return x < 0.0f ? -t : (x != x ? x : t);
+}
+
+inline double tanh_approx(double x) { return std::tanh(x); }
+
 template <typename T>
-void pack_q(const T* q, int64_t q_row_stride, int rows, int dim, T scale, T* q_packed) {
+void pack_q(const T* q, int64_t q_row_stride, int rows, int dim, const T* row_scale,
+            T* q_packed) {
   for (int r = 0; r < rows; ++r) {
     const T* query = q + r * q_row_stride;
-    for (int d = 0; d < dim; ++d) q_packed[d * kTileQ + r] = scale * query[d];
+    for (int d = 0; d < dim; ++d) q_packed[d * kTileQ + r] = row_scale[r] * query[d];
   }
   for (int d = 0; d < dim; ++d) {
     for (int r = rows; r < kTileQ; ++r) q_packed[d * kTileQ + r] = T(0);
@@ -63,6 +78,43 @@ void score_tile(const T* k, int64_t k_row_stride, int cols, int dim, const T* q_
       for (int r = 0; r < kTileQ; ++r) acc[r] += kd * lanes[r];
     }
     std::memcpy(s + c * kTileQ, acc, sizeof acc);
+  }
+}
+
+template <typename T>
+void additive_score_tile(const T* k_proj, int64_t k_row_stride, int cols, int adim,
+                         const T* qp_packed, const T* w, T* s) {
+  for (int c = 0; c < cols; ++c) {
+    T acc[kTileQ] = {};
+    const T* key = k_proj + c * k_row_stride;
+    for (int a = 0; a < adim; ++a) {
+      const T ka = key[a], wa = w[a];
+      const T* lanes = qp_packed + a * kTileQ;
+      for (int r = 0; r < kTileQ; ++r) acc[r] += wa * tanh_approx(lanes[r] + ka);
+    }
+    std::memcpy(s + c * kTileQ, acc, sizeof acc);
+  }
+}
+
+template <typename T>
+void score_epilogue(T* s, int cols, const T* col_scale, T softcap, T alibi_slope, int64_t i0,
+                    int64_t j0) {
+  for (int c = 0; c < cols; ++c) {
+    T* lanes = s + c * kTileQ;
+    if (col_scale != nullptr) {
+      for (int r = 0; r < kTileQ; ++r) lanes[r] *= col_scale[c];
+    }
+    if (softcap > T(0)) {
+      const T inv = T(1) / softcap;
+      for (int r = 0; r < kTileQ; ++r) lanes[r] = softcap * tanh_approx(lanes[r] * inv);
+    }
+    if (alibi_slope != T(0)) {
+      const int64_t offset = i0 - (j0 + c);  // i - j = offset + r
+      for (int r = 0; r < kTileQ; ++r) {
+        const T distance = static_cast<T>(offset + r);
+        lanes[r] -= alibi_slope * (distance < T(0) ? -distance : distance);
+      }
+    }
   }
 }
 
@@ -119,7 +171,8 @@ void accumulate_pv(const T* p, int cols, const T* v, int64_t v_row_stride, int d
 
 template <typename T>
 MicroKernels<T> make_table() {
-  return {&pack_q<T>, &score_tile<T>, &mask_tile<T>, &softmax_update<T>, &accumulate_pv<T>};
+  return {&pack_q<T>,         &score_tile<T>,      &additive_score_tile<T>, &score_epilogue<T>,
+          &mask_tile<T>,      &softmax_update<T>,  &accumulate_pv<T>};
 }
 
 }  // namespace portable

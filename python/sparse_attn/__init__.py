@@ -2,8 +2,9 @@
 
 from ._version import __version__
 from ._args import get_num_threads, set_num_threads
-from .api import attention
+from .api import attention, attention_weights, hard_attention, merge_attention
 from .gradients import attention_backward, attention_vjp
+from .layers import MultiHeadAttention
 from .patterns import (
     BlockSparse,
     Causal,
@@ -24,6 +25,10 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_vjp",
+    "attention_weights",
+    "hard_attention",
+    "merge_attention",
+    "MultiHeadAttention",
     "build_info",
     "cuda_available",
     "get_num_threads",

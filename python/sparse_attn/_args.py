@@ -165,9 +165,13 @@ def bias_operand(bias, problem: Problem, dtype: np.dtype):
     return operand(b.astype(dtype, copy=False), problem.batch_shape, target[-3:], unit_col=False)
 
 
-def key_lengths_array(key_lengths, problem: Problem):
+def key_lengths_array(key_lengths, problem: Problem, key_offset: int = 0,
+                      total_k: int | None = None):
+    """Per flattened batch index, the local key limit: keys at absolute position >= length
+    are padding."""
     if key_lengths is None:
         return None
+    total_k = problem.len_k if total_k is None else total_k
     kl = np.asarray(key_lengths)
     if not np.issubdtype(kl.dtype, np.integer) or kl.dtype == np.bool_:
         raise TypeError(f"key_lengths must be an integer array, got dtype {kl.dtype}")
@@ -178,12 +182,13 @@ def key_lengths_array(key_lengths, problem: Problem):
             f"key_lengths of shape {kl.shape} does not broadcast to the batch shape "
             f"{problem.batch_shape}"
         ) from None
-    if kl.size and (kl.min() < 0 or kl.max() > problem.len_k):
+    if kl.size and (kl.min() < 0 or kl.max() > total_k):
         raise ValueError(
-            f"key_lengths must lie in [0, Lk={problem.len_k}], got values in "
+            f"key_lengths must lie in [0, Lk={total_k}], got values in "
             f"[{kl.min()}, {kl.max()}]"
         )
-    return np.ascontiguousarray(kl.reshape(-1), dtype=np.int64)
+    local = np.clip(kl.reshape(-1).astype(np.int64) - key_offset, 0, problem.len_k)
+    return np.ascontiguousarray(local, dtype=np.int64)
 
 
 def resolve_scale(scale, dim: int) -> float:
@@ -264,3 +269,114 @@ def resolve_threads(threads) -> int:
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     return int(threads)
+
+
+SCORES = {"dot": 0, "cosine": 1, "additive": 2}
+MODES = {"softmax": 0, "hard": 1, "weights": 2, "count": 3}
+
+
+def resolve_score(score, score_params, dim: int, dtype: np.dtype):
+    """The score kind, and for "additive" the checked (wq, wk, w) in the input dtype."""
+    if not isinstance(score, str):
+        raise TypeError(f"score must be a string, got {type(score).__name__}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {sorted(SCORES)}, got {score!r}")
+    if score != "additive":
+        if score_params is not None:
+            raise ValueError(f"score_params is only used with score='additive', not {score!r}")
+        return score, None
+    if not isinstance(score_params, dict) or set(score_params) != {"wq", "wk", "w"}:
+        raise ValueError("score='additive' needs score_params=dict(wq=(D, A), wk=(D, A), w=(A,))")
+    wq, wk, w = (np.asarray(score_params[n]) for n in ("wq", "wk", "w"))
+    for name, arr in (("wq", wq), ("wk", wk), ("w", w)):
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) \
+                or arr.dtype == np.bool_:
+            raise TypeError(f"score_params[{name!r}] must be a real array, got dtype {arr.dtype}")
+    if wq.ndim != 2 or wk.ndim != 2 or w.ndim != 1 or wq.shape != wk.shape \
+            or wq.shape[0] != dim or wq.shape[1] != w.shape[0] or w.shape[0] == 0:
+        raise ValueError(
+            f"score_params must hold wq (D, A), wk (D, A), w (A,) with D={dim} and A >= 1, got "
+            f"wq {wq.shape}, wk {wk.shape}, w {w.shape}"
+        )
+    return score, tuple(a.astype(dtype, copy=False) for a in (wq, wk, w))
+
+
+def resolve_softcap(softcap):
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a positive number or None, got {type(softcap).__name__}")
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be positive and finite, got {softcap}")
+    return float(softcap)
+
+
+def resolve_alibi(alibi_slopes, heads_q: int):
+    if alibi_slopes is None:
+        return None
+    slopes = np.asarray(alibi_slopes)
+    if not (np.issubdtype(slopes.dtype, np.floating) or np.issubdtype(slopes.dtype, np.integer)) \
+            or slopes.dtype == np.bool_:
+        raise TypeError(f"alibi_slopes must be real numbers, got dtype {slopes.dtype}")
+    if slopes.shape != (heads_q,):
+        raise ValueError(
+            f"alibi_slopes must hold one slope per query head: shape ({heads_q},), got "
+            f"{slopes.shape}"
+        )
+    if not np.all(np.isfinite(slopes)):
+        raise ValueError("alibi_slopes must be finite")
+    return np.ascontiguousarray(slopes, dtype=np.float64)
+
+
+def resolve_probability(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__}")
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1), got {value}")
+    return float(value)
+
+
+def resolve_seed(seed) -> int:
+    """A seed for the counter-based draws; None draws a fresh one from the OS."""
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little") >> 1
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not (0 <= seed < 2**64):
+        raise ValueError(f"seed must lie in [0, 2**64), got {seed}")
+    return int(seed)
+
+
+def resolve_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a positive number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    return float(temperature)
+
+
+def resolve_offsets(query_offset, key_offset, total_lengths, problem: Problem):
+    """Absolute positions of this call's first query and key inside a larger problem, and the
+    full problem's lengths (for patterns that depend on them)."""
+    q0 = _non_negative_int(query_offset, "query_offset")
+    k0 = _non_negative_int(key_offset, "key_offset")
+    if total_lengths is None:
+        return q0, k0, (q0 + problem.len_q, k0 + problem.len_k)
+    if not isinstance(total_lengths, (tuple, list)) or len(total_lengths) != 2:
+        raise TypeError("total_lengths must be a pair (total Lq, total Lk)")
+    tq = _non_negative_int(total_lengths[0], "total_lengths[0]")
+    tk = _non_negative_int(total_lengths[1], "total_lengths[1]")
+    if q0 + problem.len_q > tq or k0 + problem.len_k > tk:
+        raise ValueError(
+            f"the window (query_offset={q0}, Lq={problem.len_q}; key_offset={k0}, "
+            f"Lk={problem.len_k}) does not fit in total_lengths={tuple(total_lengths)}"
+        )
+    return q0, k0, (tq, tk)
+
+
+def _non_negative_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)

@@ -18,8 +18,37 @@ __all__ = [
     "attention",
     "attention_backward",
     "dropout_keep",
+    "hard_attention",
     "softmax_weights",
 ]
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic), as in csrc/core/random.h."""
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def dropout_keep(seed: int, dropout_p: float, batch_shape: tuple, heads: int, Lq: int, Lk: int,
+                 query_offset: int = 0, key_offset: int = 0) -> np.ndarray:
+    """The kept (query, key) pairs of ``attention(..., dropout_p, seed)``: bool array
+    ``batch_shape + (heads, Lq, Lk)``. The draw for (flattened batch b, query head h, absolute
+    i, j) is ``mix(mix(mix(mix(mix(seed ^ 3 << 56) ^ b) ^ h) ^ i) ^ j)``; its top 24 bits as a
+    uniform u in [0, 1) keep the pair iff u >= dropout_p."""
+    batch = int(np.prod(batch_shape, dtype=np.int64))
+    b = np.arange(batch, dtype=np.uint64)[:, None, None, None]
+    h = np.arange(heads, dtype=np.uint64)[None, :, None, None]
+    i = (query_offset + np.arange(Lq, dtype=np.uint64))[None, None, :, None]
+    j = (key_offset + np.arange(Lk, dtype=np.uint64))[None, None, None, :]
+    x = _mix64(np.uint64(seed) ^ (np.uint64(3) << np.uint64(56)))
+    x = _mix64(_mix64(_mix64(_mix64(x ^ b) ^ h) ^ i) ^ j)
+    u = (x >> np.uint64(40)).astype(np.float64) / 16777216.0
+    return (u >= np.float32(dropout_p)).reshape(tuple(batch_shape) + (heads, Lq, Lk))
 
 
 def allowed_mask(pattern, Lq: int, Lk: int, num_heads: int) -> np.ndarray:
@@ -36,10 +65,29 @@ def _as_heads(x, name: str) -> np.ndarray:
     return x[None] if x.ndim == 2 else x
 
 
-def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=()):
+def _raw_scores(q, k, score, score_params):
+    """score(q, k) before scale: dot products, cosine similarities or Bahdanau's additive score."""
+    if score == "dot":
+        return q @ np.swapaxes(k, -1, -2)
+    if score == "cosine":
+        qn, kn = np.linalg.norm(q, axis=-1), np.linalg.norm(k, axis=-1)
+        qn, kn = np.where(qn > 0, qn, np.inf), np.where(kn > 0, kn, np.inf)  # zero vector: 0
+        return (q / qn[..., None]) @ np.swapaxes(k / kn[..., None], -1, -2)
+    if score == "additive":
+        wq, wk, w = (np.asarray(score_params[n], dtype=np.float64) for n in ("wq", "wk", "w"))
+        qp, kp = q @ wq, k @ wk  # (..., Lq, A), (..., Lk, A)
+        return np.tanh(qp[..., :, None, :] + kp[..., None, :, :]) @ w
+    raise ValueError(f"unknown score {score!r}")
+
+
+def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=(), *,
+                        score="dot", score_params=None, softcap=None, alibi_slopes=None,
+                        query_offset=0, key_offset=0):
     """Scores (..., Hq, Lq, Lk) and the allowed pairs, both at the full broadcast shape.
 
     The leading shape broadcasts those of ``q``, ``k`` and ``lead`` (the leading shape of ``v``).
+    Scores are ``softcap(scale * score(q, k)) + bias - slope_h * |i - j|`` with absolute
+    positions ``i = query_offset + row``, ``j = key_offset + column``.
     """
     q, k = _as_heads(q, "q"), _as_heads(k, "k")
     (Hq, Lq, D), (Hkv, Lk, Dk) = q.shape[-3:], k.shape[-3:]
@@ -47,6 +95,8 @@ def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=()):
         raise ValueError(f"q and k must share the head dimension, got q {q.shape}, k {k.shape}")
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if scale is None and score != "dot":
+        scale = 1.0
     if scale is None:
         if D == 0:
             raise ValueError("the default scale 1/sqrt(D) needs a head dimension D >= 1")
@@ -56,11 +106,21 @@ def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=()):
     k = np.repeat(k, Hq // Hkv, axis=-3)
     batch = np.broadcast_shapes(q.shape[:-3], k.shape[:-3], lead)
     shape = (*batch, Hq, Lq, Lk)
-    scores = np.broadcast_to(scale * (q @ np.swapaxes(k, -1, -2)), shape)
+    scores = scale * _raw_scores(q, k, score, score_params)
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
+    scores = np.broadcast_to(scores, shape)
     if bias is not None:
         scores = scores + np.broadcast_to(np.asarray(bias, dtype=np.float64), shape)
+    i = query_offset + np.arange(Lq)[:, None]
+    j = key_offset + np.arange(Lk)[None, :]
+    if alibi_slopes is not None:
+        slopes = np.asarray(alibi_slopes, dtype=np.float64)[:, None, None]
+        scores = scores - slopes * np.abs(i - j)
 
-    allowed = np.broadcast_to(allowed_mask(pattern, Lq, Lk, Hq), shape)
+    total_q, total_k = query_offset + Lq, key_offset + Lk
+    full = allowed_mask(pattern, total_q, total_k, Hq)
+    allowed = np.broadcast_to(full[:, query_offset:, key_offset:], shape)
     if mask is not None:
         mask = np.asarray(mask)
         if mask.dtype != np.bool_:
@@ -71,7 +131,7 @@ def _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, lead=()):
         if key_lengths.dtype.kind not in "iu":
             raise TypeError(f"key_lengths must be ints, got {key_lengths.dtype}")
         lengths = np.broadcast_to(key_lengths, batch)[..., None, None, None]
-        allowed = allowed & (np.arange(Lk) < lengths)
+        allowed = allowed & (j < lengths)
     return scores, allowed
 
 
@@ -93,14 +153,38 @@ def _softmax(scores: np.ndarray, allowed: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def softmax_weights(
-    q, k, pattern=None, *, mask=None, bias=None, scale=None, key_lengths=None
+    q, k, pattern=None, *, mask=None, bias=None, scale=None, key_lengths=None, **variants
 ) -> np.ndarray:
     """The normalised attention probabilities (..., Hq, Lq, Lk); rows with no allowed key are 0.
 
     Arguments as for ``attention``.
     """
-    probs, _ = _softmax(*_scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths))
+    probs, _ = _softmax(
+        *_scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths, **variants)
+    )
     return probs
+
+
+def hard_attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, key_lengths=None,
+                   **variants):
+    """Argmax hard attention: (out, idx), idx the allowed key of largest score (ties: the lowest
+    index), -1 and a zero output for a row with no allowed key."""
+    one_head = np.ndim(q) == 2
+    q, k, v = _as_heads(q, "q"), _as_heads(k, "k"), _as_heads(v, "v")
+    scores, allowed = _scores_and_allowed(
+        q, k, pattern, mask, bias, scale, key_lengths, lead=v.shape[:-3], **variants
+    )
+    masked = np.where(allowed, scores, -np.inf)
+    idx = np.argmax(masked, axis=-1)  # the first maximum: the lowest index
+    empty = ~np.any(allowed & (masked > -np.inf), axis=-1)
+    idx = np.where(empty, -1, idx)
+    values = np.broadcast_to(np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3),
+                             idx.shape[:-1] + v.shape[-2:])
+    out = np.take_along_axis(values, np.maximum(idx, 0)[..., None], axis=-2)
+    out = np.where(empty[..., None], 0.0, out)
+    if one_head and out.ndim == 3:
+        out, idx = out[0], idx[0]
+    return out, idx
 
 
 def attention(
@@ -114,6 +198,9 @@ def attention(
     scale=None,
     key_lengths=None,
     return_lse=False,
+    dropout_keep=None,
+    dropout_p=0.0,
+    **variants,
 ):
     """Masked softmax attention in float64.
 
@@ -128,53 +215,27 @@ def attention(
 
     Returns the output (..., Hq, Lq, Dv), and with ``return_lse`` also the natural log-sum-exp of
     the allowed scores (..., Hq, Lq). Rows with no allowed key give 0 and lse -inf.
+
+    ``variants``: ``score`` ("dot", "cosine", "additive" with ``score_params``), ``softcap``,
+    ``alibi_slopes``, ``query_offset``, ``key_offset`` as in ``sparse_attn.attention``.
+    ``dropout_keep`` (bool, broadcastable to (..., Hq, Lq, Lk)) with ``dropout_p``: probabilities
+    outside it are dropped and the kept ones scaled by 1 / (1 - dropout_p); lse is undropped.
     """
     one_head = np.ndim(q) == 2
     q, k, v = _as_heads(q, "q"), _as_heads(k, "k"), _as_heads(v, "v")
     if v.shape[-3:-1] != k.shape[-3:-1]:
         raise ValueError(f"v must have the heads and length of k, got k {k.shape}, v {v.shape}")
     scores, allowed = _scores_and_allowed(
-        q, k, pattern, mask, bias, scale, key_lengths, lead=v.shape[:-3]
+        q, k, pattern, mask, bias, scale, key_lengths, lead=v.shape[:-3], **variants
     )
     probs, lse = _softmax(scores, allowed)
+    if dropout_keep is not None:
+        probs = np.where(dropout_keep, probs / (1.0 - dropout_p), 0.0)
     out = probs @ np.repeat(v, q.shape[-3] // v.shape[-3], axis=-3)
 
     if one_head and out.ndim == 3:  # a 2-D q with no leading dimensions from k or v
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
-
-
-# ---- dropout and gradients ----------------------------------------------------------------------
-
-_MASK64 = (1 << 64) - 1
-_DROPOUT_STREAM = 3  # RandomStream::Dropout in csrc/core/random.h
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser on uint64 arrays (wrapping arithmetic)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def dropout_keep(batch_shape, num_heads: int, Lq: int, Lk: int, dropout_p: float, seed: int):
-    """The pairs dropout keeps, as a bool array (*batch_shape, num_heads, Lq, Lk); small sizes only.
-
-    (i, j) of batch entry b (flattened, C order) and query head h is kept iff
-    ``((random_bits(seed, Dropout, b, h, i, j) >> 40) / 2**24) >= dropout_p``, where random_bits
-    folds each counter into SplitMix64's finaliser (csrc/core/random.h, written out again here).
-    """
-    batch_shape = tuple(batch_shape)
-    shape = (math.prod(batch_shape), num_heads, Lq, Lk)
-    counters = [np.arange(n, dtype=np.uint64).reshape([-1 if a == i else 1 for a in range(4)])
-                for i, n in enumerate(shape)]
-    stream = (int(seed) & _MASK64) ^ (_DROPOUT_STREAM << 56)
-    h = _mix64(np.full((1, 1, 1, 1), stream, dtype=np.uint64))
-    for counter in counters:
-        h = _mix64(h ^ counter)
-    uniform = (h >> np.uint64(40)).astype(np.float64) / 2.0**24
-    return (uniform >= dropout_p).reshape(*batch_shape, num_heads, Lq, Lk)
 
 
 def _sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
@@ -188,73 +249,102 @@ def _sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
     return grad.reshape(shape)
 
 
-def attention_backward(
-    q,
-    k,
-    v,
-    out,
-    lse,
-    grad_out,
-    pattern=None,
-    *,
-    mask=None,
-    bias=None,
-    scale=None,
-    score="dot",
-    key_lengths=None,
-    dropout_p=0.0,
-    seed=None,
-    return_dbias=False,
-    threads=None,
-):
-    """Gradients of ``attention`` in float64 from the materialised probabilities.
+def _unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length, and 1 / length (0 for a zero row, whose cosine is 0)."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    inv = np.where(norm > 0, 1.0 / np.where(norm > 0, norm, 1.0), 0.0)
+    return x * inv, inv
 
-    Returns ``(dq, dk, dv)`` with the shapes of ``q``, ``k``, ``v`` (and ``dbias`` with the shape
-    of ``bias`` when ``return_dbias``): gradients over broadcast or grouped axes are summed.
-    Arguments as for ``sparse_attn.attention_backward``; this oracle recomputes everything from
-    ``q``, ``k``, ``v`` and only checks the shapes of ``out`` and ``lse``. With ``dropout_p > 0``
-    the kept set is ``dropout_keep(...)`` for ``seed``. ``threads`` is accepted and ignored.
+
+def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, bias=None,
+                       scale=None, score="dot", score_params=None, alibi_slopes=None,
+                       softcap=None, dropout_p=0.0, seed=None, key_lengths=None, query_offset=0,
+                       key_offset=0, return_dbias=False, return_dscore_params=False,
+                       threads=None):
+    """Gradients of ``attention`` in float64, by the chain rule on the materialised matrices.
+
+    Returns ``(dq, dk, dv)`` with the shapes of ``q``, ``k``, ``v`` (gradients over broadcast
+    axes and over the query heads of a grouped-query group are summed), then ``dbias`` (shape of
+    ``bias``) when ``return_dbias``, then ``{"wq", "wk", "w"}`` gradients when
+    ``return_dscore_params`` (score "additive"). Arguments as for
+    ``sparse_attn.attention_backward``; this oracle recomputes everything from ``q``, ``k``,
+    ``v`` (``out`` and ``lse`` only have their shapes checked, ``threads`` is ignored) and
+    regenerates the dropped set with ``dropout_keep``.
+
+        s1 = scale * score(q, k);  s = softcap(s1) + bias - alibi;  P = softmax(s over allowed)
+        out = (P * keep / (1 - p)) @ v
+        dS = P * (dP - rowsum(P * dP)),  dP = (grad_out @ v^T) * keep / (1 - p)
     """
-    if score != "dot":
-        raise NotImplementedError(f"reference.attention_backward: score={score!r}")
-    q_shape, k_shape, v_shape = np.shape(q), np.shape(k), np.shape(v)
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
     q, k, v = _as_heads(q, "q"), _as_heads(k, "k"), _as_heads(v, "v")
+    (Hq, Lq, D), (Hkv, Lk, Dv) = q.shape[-3:], v.shape[-3:]
+    group = Hq // Hkv
     if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    scores, allowed = _scores_and_allowed(
-        q, k, pattern, mask, bias, scale, key_lengths, lead=v.shape[:-3]
-    )
+        scale = 1.0 / math.sqrt(D) if score == "dot" else 1.0
+    variants = dict(score=score, score_params=score_params, softcap=softcap,
+                    alibi_slopes=alibi_slopes, query_offset=query_offset, key_offset=key_offset)
+    scores, allowed = _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths,
+                                          lead=v.shape[:-3], **variants)
     probs, _ = _softmax(scores, allowed)
-    batch, (Hq, Lq, Lk) = probs.shape[:-3], probs.shape[-3:]
-    Hkv, group = k.shape[-3], Hq // k.shape[-3]
-    if np.shape(out)[-2:] != (Lq, v.shape[-1]) or np.shape(lse)[-1:] != (Lq,):
+    batch = probs.shape[:-3]
+    if np.shape(out)[-2:] != (Lq, Dv) or np.shape(lse)[-1:] != (Lq,):
         raise ValueError(f"out {np.shape(out)} or lse {np.shape(lse)} do not fit q and v")
 
-    grad_out = np.broadcast_to(_as_heads(grad_out, "grad_out"), (*batch, Hq, Lq, v.shape[-1]))
-    q_full = np.broadcast_to(q, (*batch, Hq, Lq, q.shape[-1]))
-    k_full = np.repeat(k, group, axis=-3)
-    v_full = np.repeat(v, group, axis=-3)
-
-    # out = (probs * kept / (1 - p)) @ v; dS = P * (dP - rowsum(P * dP)) with dP through dropout.
-    kept_scale = np.ones(())
+    grad_out = np.broadcast_to(_as_heads(grad_out, "grad_out"), (*batch, Hq, Lq, Dv))
+    q = np.broadcast_to(q, (*batch, Hq, Lq, D))
+    k = np.broadcast_to(np.repeat(k, group, axis=-3), (*batch, Hq, Lk, D))
+    v = np.repeat(v, group, axis=-3)
+    kept = np.ones(())
     if dropout_p:
-        kept_scale = dropout_keep(batch, Hq, Lq, Lk, dropout_p, seed) / (1.0 - dropout_p)
-    dv = np.swapaxes(probs * kept_scale, -1, -2) @ grad_out
-    dprobs = (grad_out @ np.swapaxes(v_full, -1, -2)) * kept_scale
-    dscores = probs * (dprobs - (probs * dprobs).sum(axis=-1, keepdims=True))
-    dq = scale * (dscores @ k_full)
-    dk = scale * (np.swapaxes(dscores, -1, -2) @ q_full)
+        keep = dropout_keep(seed, dropout_p, batch, Hq, Lq, Lk, query_offset, key_offset)
+        kept = keep / (1.0 - dropout_p)
 
-    def per_kv_head(grad):  # query head h reads kv head h // group: sum each group
+    dv = np.swapaxes(probs * kept, -1, -2) @ grad_out
+    dprobs = (grad_out @ np.swapaxes(v, -1, -2)) * kept
+    dscores = probs * (dprobs - (probs * dprobs).sum(axis=-1, keepdims=True))  # d/d(s)
+    draw = dscores
+    if softcap is not None:  # s = softcap * tanh(s1 / softcap)
+        s1 = scale * _raw_scores(q, k, score, score_params)
+        draw = draw * (1.0 - np.tanh(s1 / softcap) ** 2)
+    draw = scale * draw  # d/d(score(q, k))
+
+    dparams = None
+    if score == "dot":
+        dq, dk = draw @ k, np.swapaxes(draw, -1, -2) @ q
+    elif score == "cosine":
+        (qn, q_inv), (kn, k_inv) = _unit_rows(q), _unit_rows(k)
+        dqn, dkn = draw @ kn, np.swapaxes(draw, -1, -2) @ qn
+        dq = (dqn - (dqn * qn).sum(axis=-1, keepdims=True) * qn) * q_inv
+        dk = (dkn - (dkn * kn).sum(axis=-1, keepdims=True) * kn) * k_inv
+    elif score == "additive":
+        wq, wk, w = (np.asarray(score_params[n], dtype=np.float64) for n in ("wq", "wk", "w"))
+        qp, kp = q @ wq, k @ wk
+        t = np.tanh(qp[..., :, None, :] + kp[..., None, :, :])  # (..., Lq, Lk, A)
+        du = draw[..., None] * w * (1.0 - t**2)
+        dqp, dkp = du.sum(axis=-2), du.sum(axis=-3)
+        dq, dk = dqp @ wq.T, dkp @ wk.T
+        dparams = {
+            "wq": np.einsum("...ld,...la->da", q, dqp),
+            "wk": np.einsum("...ld,...la->da", k, dkp),
+            "w": np.einsum("...ij,...ija->a", draw, t),
+        }
+    else:
+        raise ValueError(f"unknown score {score!r}")
+
+    def per_kv_head(grad):  # query head h reads kv head h // group: sum over each group
         return grad.reshape(*grad.shape[:-3], Hkv, group, *grad.shape[-2:]).sum(axis=-3)
 
     grads = (
-        _sum_to_shape(dq, q_shape),
-        _sum_to_shape(per_kv_head(dk), k_shape),
-        _sum_to_shape(per_kv_head(dv), v_shape),
+        _sum_to_shape(dq, shapes["q"]),
+        _sum_to_shape(per_kv_head(dk), shapes["k"]),
+        _sum_to_shape(per_kv_head(dv), shapes["v"]),
     )
     if return_dbias:
         if bias is None:
             raise ValueError("return_dbias=True needs a bias")
         grads += (_sum_to_shape(dscores, np.shape(bias)),)
+    if return_dscore_params:
+        if dparams is None:
+            raise ValueError("return_dscore_params=True needs score='additive'")
+        grads += (dparams,)
     return grads
