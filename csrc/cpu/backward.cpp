@@ -40,6 +40,7 @@ template <typename T>
 struct Scratch {
   std::vector<T> k_packed, v_packed;  // scale * k[c][d] as [d][c]; v[c][e] as [e][c]
   std::vector<T> probs, grad, kept;   // P, dP (then dS) and P after dropout: [r][c]
+  std::vector<T> softcap_tanh;        // tanh(s / softcap) of the raw scores: [r][c]
   std::vector<T> grad_q_lanes;        // dS as [c][r], for dQ
   std::vector<T> dk_t, dv_t;          // sum over query rows: [d][c], [e][c]
   std::vector<T> key_scale, ones;     // pack_q's row scales for K (scale) and V (1); ones are
@@ -51,6 +52,7 @@ struct Scratch {
         probs(kTileQ * kTileK),
         grad(kTileQ * kTileK),
         kept(kTileQ * kTileK),
+        softcap_tanh(kTileQ * kTileK),
         grad_q_lanes(kTileQ * kTileK),
         dk_t(static_cast<size_t>(dim_qk) * kTileK),
         dv_t(static_cast<size_t>(dim_v) * kTileK),
@@ -247,8 +249,9 @@ class BackwardPass {
                s.ones.data(), s.v_packed.data());
   }
 
-  // For the (query tile qt, key tile kt) pair of head h, with K and V packed: s.probs = P,
-  // s.grad = dS = P * (dP - delta), also written to dbias when with_dbias. Returns the
+  // For the (query tile qt, key tile kt) pair of head h, with K and V packed: s.probs = P and
+  // s.grad = dS = P * (dP - delta), the gradient of the scores (written to dbias when
+  // with_dbias), then taken through the softcap to the scaled dot products. Returns the
   // probabilities that multiplied V in the forward (P, or P after dropout). Rows past the
   // tile's last row hold garbage and are never read.
   const T* tile_grads(int64_t b, int64_t h, int64_t qt, int64_t kt, bool partial,
@@ -262,6 +265,12 @@ class BackwardPass {
 
     mk_.score_tile(operand_row<T>(p_.q, b, h, row0), p_.q.stride_row, rows, dim_,
                    s.k_packed.data(), probs);
+    const bool softcap = p_.softcap > 0.0;
+    const T slope = p_.alibi_slopes != nullptr ? static_cast<T>(p_.alibi_slopes[h]) : T(0);
+    if (softcap || slope != T(0)) {
+      bk_.score_epilogue(probs, rows, static_cast<T>(p_.softcap), s.softcap_tanh.data(), slope,
+                         p_.q0 + row0, p_.k0 + col0);
+    }
     if (p_.bias.data != nullptr) add_bias(b, h, row0, rows, col0, cols, probs);
     // Lanes past the last key hold scores of zero-padded keys: mask them as well.
     if (partial || col0 + cols > limit || cols < kTileK || p_.mask.data != nullptr) {
@@ -279,6 +288,7 @@ class BackwardPass {
     }
     bk_.grad_scores(probs, grad, rows, delta_.data() + row_index(b, h, row0));
     if (with_dbias) write_dbias(b, h, row0, rows, col0, cols, grad);
+    if (softcap) bk_.softcap_grad(grad, rows, s.softcap_tanh.data());
     return kept;
   }
 
@@ -350,8 +360,8 @@ void check(const BackwardParams& bp) {
   if (p.mode != Mode::Softmax || p.lse == nullptr) {
     throw std::invalid_argument("backward: differentiates a softmax pass and needs its lse");
   }
-  if (p.score != ScoreKind::Dot || p.softcap > 0.0 || p.alibi_slopes != nullptr) {
-    throw std::invalid_argument("backward: only the plain dot-product score is supported");
+  if (p.score != ScoreKind::Dot) {  // cosine arrives as dot products of unit rows
+    throw std::invalid_argument("backward: only the dot-product score is supported");
   }
   if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1 ||
       bp.out.stride_col != 1 || bp.grad_out.stride_col != 1) {

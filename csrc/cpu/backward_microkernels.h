@@ -18,6 +18,12 @@ static_assert(kTileQ == kTileK, "the backward transposes square tiles");
 
 template <typename T>
 struct BackwardMicroKernels {
+  // For r < rows and every lane c: t[r][c] = softcap * tanh(t[r][c] / softcap) (when
+  // softcap > 0, keeping the tanh in softcap_tanh[r][c] for the gradient), then
+  // t[r][c] -= alibi_slope * |(i0 + r) - (j0 + c)| (when alibi_slope != 0). The forward's
+  // score_epilogue in key-lane order.
+  void (*score_epilogue)(T* t, int rows, T softcap, T* softcap_tanh, T alibi_slope, int64_t i0,
+                         int64_t j0);
   // t[r][c] = -inf where bit c of row_bits[r] is clear, for r < rows and every lane c.
   void (*mask_rows)(T* t, int rows, const uint64_t* row_bits);
   // t[r][c] = exp(t[r][c] - lse[r]) for r < rows: the forward's normalised probabilities.
@@ -29,6 +35,8 @@ struct BackwardMicroKernels {
                         T keep_scale);
   // dp[r][c] = p[r][c] * (dp[r][c] - delta[r]) for r < rows: dP becomes dS in place.
   void (*grad_scores)(const T* p, T* dp, int rows, const T* delta);
+  // ds[r][c] *= 1 - softcap_tanh[r][c]^2 for r < rows: dS through the softcap.
+  void (*softcap_grad)(T* ds, int rows, const T* softcap_tanh);
   // dst[c][r] = src[r][c] for r < rows; dst[c][r] = 0 for rows <= r < kTileQ (every c).
   void (*transpose)(const T* src, int rows, T* dst);
 };

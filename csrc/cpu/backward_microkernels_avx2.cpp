@@ -1,16 +1,75 @@
 // The AVX2 + FMA backward micro-kernels. Only this file of the backward is compiled with -mavx2
 // -mfma, and nothing in it runs unless dispatch.cpp found both features on the CPU. float32
-// masking and transposes use the intrinsics below; the other operations (and all of float64)
-// are the portable loops, which the compiler vectorises with these flags.
+// uses the intrinsics below (exp and tanh from simd_avx2.h, as the forward); the rest, and all
+// of float64, are the portable loops compiled with these flags.
 #define SA_SIMD_NAMESPACE avx2
 #include <immintrin.h>
 
 #include "backward_microkernels_impl.h"
+#include "simd_avx2.h"
 
 namespace sparse_attn::cpu::avx2 {
 namespace {
 
 constexpr int kLanes = 8;  // floats per __m256
+
+// The forward's score_epilogue along key lanes: the same operations in the same order.
+void score_epilogue(float* t, int rows, float softcap, float* softcap_tanh, float alibi_slope,
+                    int64_t i0, int64_t j0) {
+  const __m256 lane_index = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+  for (int r = 0; r < rows; ++r) {
+    float* row = t + r * kTileK;
+    const float offset = static_cast<float>(i0 + r - j0);  // i - j = offset - c
+    for (int c0 = 0; c0 < kTileK; c0 += kLanes) {
+      __m256 x = _mm256_loadu_ps(row + c0);
+      if (softcap > 0.0f) {
+        const __m256 th = tanh_approx(_mm256_mul_ps(x, _mm256_set1_ps(1.0f / softcap)));
+        _mm256_storeu_ps(softcap_tanh + r * kTileK + c0, th);
+        x = _mm256_mul_ps(_mm256_set1_ps(softcap), th);
+      }
+      if (alibi_slope != 0.0f) {
+        const __m256 distance =
+            _mm256_sub_ps(_mm256_set1_ps(offset - static_cast<float>(c0)), lane_index);
+        x = _mm256_fnmadd_ps(_mm256_set1_ps(alibi_slope), _mm256_andnot_ps(sign_bit, distance), x);
+      }
+      _mm256_storeu_ps(row + c0, x);
+    }
+  }
+}
+
+void probs_from_lse(float* t, int rows, const float* lse) {
+  for (int r = 0; r < rows; ++r) {
+    // An empty row (lse = -inf) subtracts +inf: every lane becomes exp(-inf) = 0, no NaN.
+    const __m256 shift = _mm256_set1_ps(lse[r] == -INFINITY ? INFINITY : lse[r]);
+    float* row = t + r * kTileK;
+    for (int c0 = 0; c0 < kTileK; c0 += kLanes) {
+      _mm256_storeu_ps(row + c0, exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + c0), shift)));
+    }
+  }
+}
+
+void grad_scores(const float* p, float* dp, int rows, const float* delta) {
+  for (int r = 0; r < rows; ++r) {
+    const __m256 d = _mm256_set1_ps(delta[r]);
+    for (int c0 = 0; c0 < kTileK; c0 += kLanes) {
+      float* at = dp + r * kTileK + c0;
+      _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(p + r * kTileK + c0),
+                                         _mm256_sub_ps(_mm256_loadu_ps(at), d)));
+    }
+  }
+}
+
+void softcap_grad(float* ds, int rows, const float* softcap_tanh) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int r = 0; r < rows; ++r) {
+    for (int c0 = 0; c0 < kTileK; c0 += kLanes) {
+      float* at = ds + r * kTileK + c0;
+      const __m256 th = _mm256_loadu_ps(softcap_tanh + r * kTileK + c0);
+      _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(at), _mm256_fnmadd_ps(th, th, one)));
+    }
+  }
+}
 
 // t[r][c] = -inf where bit c of row_bits[r] is clear: each lane shifts its bit to the sign bit.
 void mask_rows(float* t, int rows, const uint64_t* row_bits) {
@@ -65,7 +124,11 @@ void transpose(const float* src, int rows, float* dst) {
 
 BackwardMicroKernels<float> make_backward_table_f32() {
   BackwardMicroKernels<float> table = portable::make_backward_table<float>();
+  table.score_epilogue = &score_epilogue;
   table.mask_rows = &mask_rows;
+  table.probs_from_lse = &probs_from_lse;
+  table.grad_scores = &grad_scores;
+  table.softcap_grad = &softcap_grad;
   table.transpose = &transpose;
   return table;
 }

@@ -8,10 +8,33 @@
 #include <limits>
 
 #include "backward_microkernels.h"
-#include "microkernels_impl.h"  // portable::exp_nonpositive, the forward's exp
+#include "microkernels_impl.h"  // portable::exp_nonpositive and tanh_approx
 
 namespace sparse_attn::cpu::SA_SIMD_NAMESPACE {
 namespace portable {
+
+template <typename T>
+void score_epilogue(T* t, int rows, T softcap, T* softcap_tanh, T alibi_slope, int64_t i0,
+                    int64_t j0) {
+  for (int r = 0; r < rows; ++r) {
+    T* row = t + r * kTileK;
+    if (softcap > T(0)) {
+      const T inv = T(1) / softcap;
+      T* tanh_row = softcap_tanh + r * kTileK;
+      for (int c = 0; c < kTileK; ++c) {
+        tanh_row[c] = tanh_approx(row[c] * inv);
+        row[c] = softcap * tanh_row[c];
+      }
+    }
+    if (alibi_slope != T(0)) {
+      const int64_t offset = i0 + r - j0;  // i - j = offset - c
+      for (int c = 0; c < kTileK; ++c) {
+        const T distance = static_cast<T>(offset - c);
+        row[c] -= alibi_slope * (distance < T(0) ? -distance : distance);
+      }
+    }
+  }
+}
 
 template <typename T>
 void mask_rows(T* t, int rows, const uint64_t* row_bits) {
@@ -60,6 +83,15 @@ void grad_scores(const T* p, T* dp, int rows, const T* delta) {
 }
 
 template <typename T>
+void softcap_grad(T* ds, int rows, const T* softcap_tanh) {
+  for (int r = 0; r < rows; ++r) {
+    T* row = ds + r * kTileK;
+    const T* tanh_row = softcap_tanh + r * kTileK;
+    for (int c = 0; c < kTileK; ++c) row[c] *= T(1) - tanh_row[c] * tanh_row[c];
+  }
+}
+
+template <typename T>
 void transpose(const T* src, int rows, T* dst) {
   constexpr int kBlock = 8;  // 8 x 8 blocks keep both sides' lines in L1
   for (int r0 = 0; r0 < kTileQ; r0 += kBlock) {
@@ -75,7 +107,8 @@ void transpose(const T* src, int rows, T* dst) {
 
 template <typename T>
 BackwardMicroKernels<T> make_backward_table() {
-  return {&mask_rows<T>, &probs_from_lse<T>, &apply_dropout<T>, &grad_scores<T>, &transpose<T>};
+  return {&score_epilogue<T>, &mask_rows<T>,    &probs_from_lse<T>, &apply_dropout<T>,
+          &grad_scores<T>,    &softcap_grad<T>, &transpose<T>};
 }
 
 }  // namespace portable

@@ -39,6 +39,20 @@ def _sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
     return grad.reshape(shape)
 
 
+def _unit_rows(x, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` scaled to unit length, and 1 / length (0 for a zero row, whose cosine
+    score is 0 as in the forward)."""
+    a = _args.as_float_array(x, name)
+    norm = np.linalg.norm(a, axis=-1, keepdims=True)
+    inv = np.divide(1, norm, out=np.zeros_like(norm), where=norm > 0)
+    return a * inv, inv
+
+
+def _through_unit_rows(grad_unit: np.ndarray, unit: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """The gradient of x from that of x / |x|: (g - (g . u) u) / |x|."""
+    return (grad_unit - (grad_unit * unit).sum(axis=-1, keepdims=True) * unit) * inv
+
+
 def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, bias=None,
                        scale=None, score="dot", score_params=None, alibi_slopes=None,
                        softcap=None, dropout_p=0.0, seed=None, key_lengths=None,
@@ -52,21 +66,26 @@ def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, 
     FlashAttention-2 style: the probabilities are recomputed tile by tile from ``lse``, only the
     pattern's listed tiles are visited, and nothing of size Lq x Lk is stored except ``dbias``.
 
-    Gradients have the shapes and dtype of q, k, v: over broadcast leading dimensions and over
-    the query heads of a grouped-query group they are summed. Query rows with no allowed key
+    Scores "dot" and "cosine" are supported, with softcap, ALiBi, bias, mask, key_lengths,
+    dropout and offsets; "additive" raises NotImplementedError. Gradients have the shapes and
+    dtype of q, k, v: over broadcast leading dimensions and over the query heads of a
+    grouped-query group they are summed. Query rows with no allowed key
     contribute nothing. ``return_dbias=True`` (needs ``bias``) appends ``dbias``, the shape of
     ``bias`` in q's dtype. The result is bitwise reproducible and the same for every thread count.
     """
+    if isinstance(score, str) and score == "additive":
+        raise NotImplementedError(
+            "attention_backward: score='additive' has no backward pass yet (dot and cosine do)"
+        )
+    cosine = isinstance(score, str) and score == "cosine"
+    if cosine:  # cosine scores are dot products of unit rows: differentiate those, then chain
+        (q, q_inv), (k, k_inv) = _unit_rows(q, "q"), _unit_rows(k, "k")
+        score, scale = "dot", 1.0 if scale is None else scale
     call = _Call(q, k, v, pattern, mask=mask, bias=bias, scale=scale, score=score,
                  score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap,
                  key_lengths=key_lengths, query_offset=query_offset, key_offset=key_offset,
                  total_lengths=total_lengths, device=device, threads=threads)
     p, dtype = call.problem, call.dtype
-    if call.score != "dot" or call.config["softcap"] or call.arrays["alibi_slopes"] is not None:
-        raise NotImplementedError(
-            "attention_backward supports the plain dot-product score only (no softcap, ALiBi, "
-            "cosine or additive score yet)"
-        )
     out = _forward_result(out, "out", call.user_shape(p.out_shape()), dtype)
     lse = _forward_result(lse, "lse", call.user_shape(p.lse_shape()), dtype)
     grad_out = _forward_result(grad_out, "grad_out", call.user_shape(p.out_shape()), dtype)
@@ -96,8 +115,10 @@ def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, 
         config = dict(call.config, mode=_args.MODES["softmax"])
         _core.backward(config, call.operands, {**call.arrays, "lse": lse_rows}, call.layouts,
                        call.threads, grads)
-    result = (_sum_to_shape(dq, call.q_arr.shape), _sum_to_shape(dk, call.k_arr.shape),
-              _sum_to_shape(dv, call.v_arr.shape))
+    dq, dk = _sum_to_shape(dq, call.q_arr.shape), _sum_to_shape(dk, call.k_arr.shape)
+    if cosine:
+        dq, dk = _through_unit_rows(dq, q, q_inv), _through_unit_rows(dk, k, k_inv)
+    result = (dq, dk, _sum_to_shape(dv, call.v_arr.shape))
     if return_dbias:
         result += (_sum_to_shape(dbias, np.shape(bias)),)
     return result
