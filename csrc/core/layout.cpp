@@ -339,7 +339,6 @@ Layout::Layout(std::vector<PatternNode> nodes, const LayoutSpec& spec)
     node.data = storage_.back().data();
   }
   compile();
-  build_transpose();
 }
 
 int64_t Layout::q_tile_rows(int64_t qt) const {
@@ -377,20 +376,24 @@ void Layout::compile() {
   });
 }
 
-void Layout::build_transpose() {
-  col_start_.assign(num_k_tiles_ + 1, 0);
-  for (int32_t kt : key_tiles_) ++col_start_[kt + 1];
-  for (int64_t kt = 0; kt < num_k_tiles_; ++kt) col_start_[kt + 1] += col_start_[kt];
-  query_tiles_by_key_.resize(key_tiles_.size());
-  kinds_by_key_.resize(key_tiles_.size());
-  std::vector<int64_t> fill(col_start_.begin(), col_start_.end() - 1);
-  for (int64_t qt = 0; qt < num_q_tiles_; ++qt) {
-    for (int64_t e = row_start_[qt]; e < row_start_[qt + 1]; ++e) {
-      const int64_t at = fill[key_tiles_[e]]++;
-      query_tiles_by_key_[at] = static_cast<int32_t>(qt);
-      kinds_by_key_[at] = kinds_[e];
+const Layout::ByKey& Layout::by_key() const {
+  std::call_once(by_key_once_, [this] {
+    ByKey& t = by_key_;
+    t.col_start.assign(num_k_tiles_ + 1, 0);
+    for (int32_t kt : key_tiles_) ++t.col_start[kt + 1];
+    for (int64_t kt = 0; kt < num_k_tiles_; ++kt) t.col_start[kt + 1] += t.col_start[kt];
+    t.query_tiles.resize(key_tiles_.size());
+    t.kinds.resize(key_tiles_.size());
+    std::vector<int64_t> fill(t.col_start.begin(), t.col_start.end() - 1);
+    for (int64_t qt = 0; qt < num_q_tiles_; ++qt) {  // ascending query tiles per key tile
+      for (int64_t e = row_start_[qt]; e < row_start_[qt + 1]; ++e) {
+        const int64_t at = fill[key_tiles_[e]]++;
+        t.query_tiles[at] = static_cast<int32_t>(qt);
+        t.kinds[at] = kinds_[e];
+      }
     }
-  }
+  });
+  return by_key_;
 }
 
 int64_t Layout::count_allowed() const {

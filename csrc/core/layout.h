@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "predicates.h"
@@ -39,12 +40,13 @@ class Layout {
 
   // Query tiles of key tile kt, for passes that walk by key tile (the backward pass):
   // query_tiles_by_key()[col_start(kt) .. col_start(kt + 1)), ascending, with their kinds.
-  int64_t col_start(int64_t kt) const { return col_start_[kt]; }
+  // Built on first use (thread-safe), since forward passes never need it.
+  int64_t col_start(int64_t kt) const { return by_key().col_start[kt]; }
+  const int32_t* query_tiles_by_key() const { return by_key().query_tiles.data(); }
+  const TileKind* kinds_by_key() const { return by_key().kinds.data(); }
   // Query tiles ordered by decreasing number of listed key tiles: schedulers hand out the
   // most expensive work first so threads finish together (causal, global rows).
   const int32_t* q_tiles_by_cost() const { return q_tiles_by_cost_.data(); }
-  const int32_t* query_tiles_by_key() const { return query_tiles_by_key_.data(); }
-  const TileKind* kinds_by_key() const { return kinds_by_key_.data(); }
 
   // Rows and columns of a tile (the last tile of each axis may be short).
   int64_t q_tile_rows(int64_t qt) const;
@@ -60,8 +62,13 @@ class Layout {
   }
 
  private:
+  struct ByKey {
+    std::vector<int64_t> col_start;
+    std::vector<int32_t> query_tiles;
+    std::vector<TileKind> kinds;
+  };
   void compile();
-  void build_transpose();
+  const ByKey& by_key() const;
 
   std::vector<PatternNode> nodes_;
   std::vector<std::vector<int64_t>> storage_;  // owned node data, 8-byte aligned
@@ -71,9 +78,8 @@ class Layout {
   std::vector<int32_t> key_tiles_;
   std::vector<TileKind> kinds_;
   std::vector<int32_t> q_tiles_by_cost_;
-  std::vector<int64_t> col_start_;
-  std::vector<int32_t> query_tiles_by_key_;
-  std::vector<TileKind> kinds_by_key_;
+  mutable std::once_flag by_key_once_;
+  mutable ByKey by_key_;
 };
 
 // Validates the program and the spec (std::invalid_argument on a malformed one), copies the

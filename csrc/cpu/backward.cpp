@@ -8,7 +8,7 @@
 //    tiles touching that key tile (the layout by key tile), for every query head of the GQA
 //    group in ascending order, accumulating in thread-private tiles; one write at the end.
 //  * dQ of a (batch, query head, query tile) accumulates its key tiles in ascending order, in a
-//    buffer of dQ's size that each item owns. Either the key-major pass does it as it goes
+//    buffer of (padded) dQ's size in which each query tile belongs to one item. Either the key-major pass does it as it goes
 //    ("fused": an item is a whole (batch, kv head), so it owns the dQ rows of its group), or a
 //    second, query-major pass recomputes P and dS ("split": when there are too few (batch,
 //    kv head) items to keep the threads busy). Both compute each tile with the same function
@@ -35,13 +35,20 @@ namespace {
 constexpr int64_t kFusedProducts = 5;
 constexpr int64_t kSplitProducts = 7;
 
+constexpr int kTile = kTileQ * kTileK;
+static_assert(kTileQ == kTileK, "dQ panels of 64 head dims are tiles");
+
+// 64-wide panels of the head dim in which dQ accumulates ([panel][r][d % 64]).
+int dim_panels(int64_t dim) { return static_cast<int>((dim + kTileK - 1) / kTileK); }
+
 // Per-thread buffers, allocated once per call and thread. Key-lane tiles are t[r][c].
 template <typename T>
 struct Scratch {
   std::vector<T> k_packed, v_packed;  // scale * k[c][d] as [d][c]; v[c][e] as [e][c]
+  std::vector<T> k_panels;            // k[c][d] as [panel][c][d % 64], zero-padded
   std::vector<T> probs, grad, kept;   // P, dP (then dS) and P after dropout: [r][c]
   std::vector<T> softcap_tanh;        // tanh(s / softcap) of the raw scores: [r][c]
-  std::vector<T> grad_q_lanes;        // dS as [c][r], for dQ
+  std::vector<T> dq_part;             // one key tile's dS K for one panel: [r][d % 64]
   std::vector<T> dk_t, dv_t;          // sum over query rows: [d][c], [e][c]
   std::vector<T> key_scale, ones;     // pack_q's row scales for K (scale) and V (1); ones are
                                       // also the accumulators' rescale factor: none
@@ -49,11 +56,12 @@ struct Scratch {
   Scratch(int dim_qk, int dim_v)
       : k_packed(static_cast<size_t>(dim_qk) * kTileK),
         v_packed(static_cast<size_t>(dim_v) * kTileK),
-        probs(kTileQ * kTileK),
-        grad(kTileQ * kTileK),
-        kept(kTileQ * kTileK),
-        softcap_tanh(kTileQ * kTileK),
-        grad_q_lanes(kTileQ * kTileK),
+        k_panels(static_cast<size_t>(dim_panels(dim_qk)) * kTile),
+        probs(kTile),
+        grad(kTile),
+        kept(kTile),
+        softcap_tanh(kTile),
+        dq_part(kTile),
         dk_t(static_cast<size_t>(dim_qk) * kTileK),
         dv_t(static_cast<size_t>(dim_v) * kTileK),
         key_scale(kTileK),
@@ -72,6 +80,7 @@ class BackwardPass {
     num_k_tiles_ = (p_.len_k + kTileK - 1) / kTileK;
     group_ = p_.heads_q / p_.heads_kv;
     dim_ = static_cast<int>(p_.dim_qk);
+    panels_ = dim_panels(p_.dim_qk);
     dim_v_ = static_cast<int>(p_.dim_v);
     scale_ = static_cast<T>(p_.scale);
     keep_scale_ = T(1) / (T(1) - static_cast<T>(p_.dropout_p));  // as the forward scales
@@ -88,8 +97,9 @@ class BackwardPass {
     const bool fused = kFusedProducts * waves * threads <= kSplitProducts * group_items;
 
     // Allocated before the parallel regions: std::bad_alloc must reach the caller.
+    for (int64_t h = 0; h < p_.heads_q; ++h) p_.layouts[h]->col_start(0);  // builds by-key lists
     delta_.resize(static_cast<size_t>(p_.batch * p_.heads_q * p_.len_q));
-    dq_lanes_.resize(static_cast<size_t>(query_items) * dim_ * kTileQ);
+    dq_acc_.resize(static_cast<size_t>(query_items) * panels_ * kTile);
     std::vector<Scratch<T>> scratches;
     scratches.reserve(threads);
     for (int t = 0; t < threads; ++t) {
@@ -149,7 +159,7 @@ class BackwardPass {
     return (b * p_.heads_q + h) * p_.len_q + row;
   }
   T* dq_tile(int64_t b, int64_t h, int64_t qt) {
-    return dq_lanes_.data() + ((b * p_.heads_q + h) * num_q_tiles_ + qt) * dim_ * kTileQ;
+    return dq_acc_.data() + ((b * p_.heads_q + h) * num_q_tiles_ + qt) * panels_ * kTile;
   }
 
   // ---- passes -----------------------------------------------------------------------------------
@@ -167,7 +177,7 @@ class BackwardPass {
       for (int e = 0; e < dim_v_; ++e) sum += static_cast<double>(o[e]) * g[e];
       delta_[row_index(b, h, row)] = static_cast<T>(sum);
     }
-    std::fill_n(dq_tile(b, h, qt), dim_ * kTileQ, T(0));
+    std::fill_n(dq_tile(b, h, qt), panels_ * kTile, T(0));
   }
 
   // dK and dV of key tile kt of kv head (group % heads_kv) of batch entry group / heads_kv,
@@ -185,8 +195,7 @@ class BackwardPass {
       std::fill_n(dv, static_cast<int64_t>(cols) * dim_v_, T(0));
       return;
     }
-    const T* k = operand_row<T>(p_.k, b, kv_head, col0);
-    pack_key_tile(b, kv_head, kt, s);
+    pack_key_tile(b, kv_head, kt, with_dq, s);
     std::fill(s.dk_t.begin(), s.dk_t.end(), T(0));
     std::fill(s.dv_t.begin(), s.dv_t.end(), T(0));
 
@@ -202,7 +211,7 @@ class BackwardPass {
                           bp_.grad_out.stride_row, dim_v_, s.ones.data(), s.dv_t.data());
         mk_.accumulate_pv(s.grad.data(), rows, operand_row<T>(p_.q, b, h, row0), p_.q.stride_row,
                           dim_, s.ones.data(), s.dk_t.data());
-        if (with_dq) add_to_dq(b, h, qt, k, cols, s);
+        if (with_dq) add_to_dq(b, h, qt, cols, s);
       }
     }
     for (int c = 0; c < cols; ++c) {
@@ -220,33 +229,45 @@ class BackwardPass {
     for (int64_t e = layout.row_start(qt); e < layout.row_start(qt + 1); ++e) {
       const int64_t kt = layout.key_tiles()[e];
       if (kt * kTileK >= limit) break;  // key tiles ascend: the rest is padding
-      pack_key_tile(b, kv_head, kt, s);
+      pack_key_tile(b, kv_head, kt, true, s);
       tile_grads(b, h, qt, kt, layout.kinds()[e] == TileKind::Partial, false, s);
-      add_to_dq(b, h, qt, operand_row<T>(p_.k, b, kv_head, kt * kTileK), tile_cols(kt), s);
+      add_to_dq(b, h, qt, tile_cols(kt), s);
     }
   }
 
-  // dQ rows of one query tile from its lanes buffer: dq[r][d] = scale * sum over key tiles.
+  // dQ rows of one query tile from its panels: dq[r][d] = scale * sum over key tiles.
   void write_dq(int64_t w) {
     const int64_t qt = w % num_q_tiles_, bh = w / num_q_tiles_;
     const T* acc = dq_tile(bh / p_.heads_q, bh % p_.heads_q, qt);
     T* dq = static_cast<T*>(bp_.dq) + (bh * p_.len_q + qt * kTileQ) * dim_;
     const int rows = tile_rows(qt);
     for (int r = 0; r < rows; ++r) {
-      for (int d = 0; d < dim_; ++d) dq[r * dim_ + d] = scale_ * acc[d * kTileQ + r];
+      for (int d = 0; d < dim_; ++d) {
+        dq[r * dim_ + d] = scale_ * acc[(d / kTileK) * kTile + r * kTileK + d % kTileK];
+      }
     }
   }
 
   // ---- one tile ---------------------------------------------------------------------------------
 
-  // k_packed = scale * K and v_packed = V of one key tile, keys along the lanes (zero padded).
-  void pack_key_tile(int64_t b, int64_t kv_head, int64_t kt, Scratch<T>& s) {
+  // k_packed = scale * K and v_packed = V of one key tile, keys along the lanes (zero padded);
+  // with with_dq also K in 64-wide panels of the head dim (keys along the rows) for dS K.
+  void pack_key_tile(int64_t b, int64_t kv_head, int64_t kt, bool with_dq, Scratch<T>& s) {
     const int64_t col0 = kt * kTileK;
     const int cols = tile_cols(kt);
-    mk_.pack_q(operand_row<T>(p_.k, b, kv_head, col0), p_.k.stride_row, cols, dim_,
-               s.key_scale.data(), s.k_packed.data());
+    const T* k = operand_row<T>(p_.k, b, kv_head, col0);
+    mk_.pack_q(k, p_.k.stride_row, cols, dim_, s.key_scale.data(), s.k_packed.data());
     mk_.pack_q(operand_row<T>(p_.v, b, kv_head, col0), p_.v.stride_row, cols, dim_v_,
                s.ones.data(), s.v_packed.data());
+    if (!with_dq) return;
+    for (int panel = 0; panel < panels_; ++panel) {
+      const int d0 = panel * kTileK, width = std::min(kTileK, dim_ - d0);
+      T* rows = s.k_panels.data() + panel * kTile;
+      for (int c = 0; c < cols; ++c) {
+        std::copy_n(k + c * p_.k.stride_row + d0, width, rows + c * kTileK);
+        std::fill(rows + c * kTileK + width, rows + (c + 1) * kTileK, T(0));
+      }
+    }
   }
 
   // For the (query tile qt, key tile kt) pair of head h, with K and V packed: s.probs = P and
@@ -278,8 +299,12 @@ class BackwardPass {
       bk_.mask_rows(probs, rows, s.row_bits.data());
     }
     bk_.probs_from_lse(probs, rows, static_cast<const T*>(p_.lse) + row_index(b, h, row0));
-    mk_.score_tile(operand_row<T>(bp_.grad_out, b, h, row0), bp_.grad_out.stride_row, rows,
-                   dim_v_, s.v_packed.data(), grad);
+    if (dim_v_ > 0) {  // the products need a depth of at least one
+      mk_.score_tile(operand_row<T>(bp_.grad_out, b, h, row0), bp_.grad_out.stride_row, rows,
+                     dim_v_, s.v_packed.data(), grad);
+    } else {
+      std::fill_n(grad, rows * kTileK, T(0));
+    }
     const T* kept = probs;
     if (p_.dropout_p > 0.0) {
       dropout_keep_bits(b, h, p_.q0 + row0, rows, p_.k0 + col0, cols, s.keep_bits.data());
@@ -292,11 +317,16 @@ class BackwardPass {
     return kept;
   }
 
-  // dQ lanes of (b, h, qt) += dS K for the tile in s.grad (K read in place, unscaled).
-  void add_to_dq(int64_t b, int64_t h, int64_t qt, const T* k, int cols, Scratch<T>& s) {
-    bk_.transpose(s.grad.data(), tile_rows(qt), s.grad_q_lanes.data());
-    mk_.accumulate_pv(s.grad_q_lanes.data(), cols, k, p_.k.stride_row, dim_, s.ones.data(),
-                      dq_tile(b, h, qt));
+  // dQ panels of (b, h, qt) += dS K for the tile in s.grad (K unscaled, from s.k_panels).
+  void add_to_dq(int64_t b, int64_t h, int64_t qt, int cols, Scratch<T>& s) {
+    const int rows = tile_rows(qt);
+    T* acc = dq_tile(b, h, qt);
+    for (int panel = 0; panel < panels_; ++panel) {
+      // dq_part[r][d] = sum_c dS[r][c] * k[c][d]: the score product with dS in K's place.
+      mk_.score_tile(s.grad.data(), kTileK, rows, cols, s.k_panels.data() + panel * kTile,
+                     s.dq_part.data());
+      bk_.add_rows(acc + panel * kTile, s.dq_part.data(), rows);
+    }
   }
 
   // t[r][c] += bias[row0 + r][col0 + c]
@@ -337,10 +367,10 @@ class BackwardPass {
   const MicroKernels<T>& mk_;
   const BackwardMicroKernels<T>& bk_;
   int64_t num_q_tiles_ = 0, num_k_tiles_ = 0, group_ = 1;
-  int dim_ = 0, dim_v_ = 0;
+  int dim_ = 0, dim_v_ = 0, panels_ = 1;
   T scale_ = 1, keep_scale_ = 1;
   std::vector<T> delta_;     // rowsum(dO * O), contiguous (batch, heads_q, len_q)
-  std::vector<T> dq_lanes_;  // unscaled dQ per (batch, head, query tile) as [d][r]
+  std::vector<T> dq_acc_;    // unscaled dQ per (batch, head, query tile): [panel][r][d % 64]
 };
 
 void check(const BackwardParams& bp) {

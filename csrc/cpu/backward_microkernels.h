@@ -3,9 +3,9 @@
 // reuse the forward's table (score_tile, accumulate_pv, pack_q); this table holds the rest.
 //
 // Layout of a backward tile ("key lanes"): the keys of a tile run along the vector lanes, so a
-// tile is t[r][c] for query row r and key c (kTileK lanes per row). Probabilities, dP and dS are
-// produced in that order; dK and dV accumulate as dk_t[d][c], dv_t[e][c] without horizontal
-// reductions. dQ accumulates in the forward's query-lane order from a transposed dS.
+// tile is t[r][c] for query row r and key c (kTileK lanes per row). Scores, probabilities, dP
+// and dS are produced in that order, so dK and dV accumulate as dk_t[d][c], dv_t[e][c] and dQ
+// as dq[r][d] (64-wide panels of d) without any transpose or horizontal reduction.
 #pragma once
 
 #include <cstdint>
@@ -13,8 +13,6 @@
 #include "microkernels.h"
 
 namespace sparse_attn::cpu {
-
-static_assert(kTileQ == kTileK, "the backward transposes square tiles");
 
 template <typename T>
 struct BackwardMicroKernels {
@@ -37,8 +35,8 @@ struct BackwardMicroKernels {
   void (*grad_scores)(const T* p, T* dp, int rows, const T* delta);
   // ds[r][c] *= 1 - softcap_tanh[r][c]^2 for r < rows: dS through the softcap.
   void (*softcap_grad)(T* ds, int rows, const T* softcap_tanh);
-  // dst[c][r] = src[r][c] for r < rows; dst[c][r] = 0 for rows <= r < kTileQ (every c).
-  void (*transpose)(const T* src, int rows, T* dst);
+  // acc[r][c] += t[r][c] for r < rows and every lane c.
+  void (*add_rows)(T* acc, const T* t, int rows);
 };
 
 const BackwardMicroKernels<float>& backward_microkernels_f32();

@@ -1,115 +1,192 @@
-// The backward micro-kernels written once as plain loops along the key lanes, shaped for the
-// vectoriser. Included by each backward_microkernels_<level>.cpp inside its own namespace and
-// compiled with that level's flags; the AVX2 level replaces some float32 ones by intrinsics.
-// No namespace-scope constants or statics: a static initialiser here could run AVX2 code.
+// The backward micro-kernels, written once: float32 against the vector type of simd.h, float64
+// as plain loops, like the forward's (microkernels_impl.h). Included by each
+// backward_microkernels_<level>.cpp, which sets SA_SIMD_NAMESPACE and SA_VEC_BYTES and is
+// compiled with that level's flags. Tiles are in "key lanes" order (backward_microkernels.h).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
 #include "backward_microkernels.h"
-#include "microkernels_impl.h"  // portable::exp_nonpositive and tanh_approx
+#include "simd.h"
 
 namespace sparse_attn::cpu::SA_SIMD_NAMESPACE {
-namespace portable {
+namespace {
 
-template <typename T>
-void score_epilogue(T* t, int rows, T softcap, T* softcap_tanh, T alibi_slope, int64_t i0,
-                    int64_t j0) {
+static_assert(kTileK % kVecWidth == 0 && kTileK == 64, "a key tile is 64 lanes");
+
+// ---- float32: vector code ------------------------------------------------------------------
+
+// 1 in the lanes of keys c0 .. c0 + kVecWidth - 1 whose bit is set in bits (c0 % kVecWidth == 0).
+inline vuint key_bits(uint64_t bits, int c0) {
+  vuint shift;
+  for (int l = 0; l < kVecWidth; ++l) shift[l] = static_cast<uint32_t>((c0 & 31) + l);
+  const uint32_t half = static_cast<uint32_t>(c0 < 32 ? bits : bits >> 32);
+  return ((vuint{} + half) >> shift) & 1u;
+}
+
+void score_epilogue_f32(float* t, int rows, float softcap, float* softcap_tanh,
+                        float alibi_slope, int64_t i0, int64_t j0) {
+  vfloat lane_index;
+  for (int l = 0; l < kVecWidth; ++l) lane_index[l] = static_cast<float>(l);
   for (int r = 0; r < rows; ++r) {
-    T* row = t + r * kTileK;
-    if (softcap > T(0)) {
-      const T inv = T(1) / softcap;
-      T* tanh_row = softcap_tanh + r * kTileK;
-      for (int c = 0; c < kTileK; ++c) {
-        tanh_row[c] = tanh_approx(row[c] * inv);
-        row[c] = softcap * tanh_row[c];
+    float* row = t + r * kTileK;
+    const float offset = static_cast<float>(i0 + r - j0);  // i - j = offset - c
+    for (int c0 = 0; c0 < kTileK; c0 += kVecWidth) {
+      vfloat x = load(row + c0);
+      if (softcap > 0.0f) {
+        const vfloat th = tanh_approx(x * splat(1.0f / softcap));
+        store(softcap_tanh + r * kTileK + c0, th);
+        x = splat(softcap) * th;
       }
-    }
-    if (alibi_slope != T(0)) {
-      const int64_t offset = i0 + r - j0;  // i - j = offset - c
-      for (int c = 0; c < kTileK; ++c) {
-        const T distance = static_cast<T>(offset - c);
-        row[c] -= alibi_slope * (distance < T(0) ? -distance : distance);
+      if (alibi_slope != 0.0f) {
+        x = x - splat(alibi_slope) * vabs(splat(offset - static_cast<float>(c0)) - lane_index);
       }
+      store(row + c0, x);
     }
   }
 }
 
-template <typename T>
-void mask_rows(T* t, int rows, const uint64_t* row_bits) {
-  const T neg_inf = -std::numeric_limits<T>::infinity();
+void mask_rows_f32(float* t, int rows, const uint64_t* row_bits) {
+  const vfloat neg_inf = splat(-std::numeric_limits<float>::infinity());
   for (int r = 0; r < rows; ++r) {
-    const uint64_t bits = row_bits[r];
-    T* row = t + r * kTileK;
-    for (int c = 0; c < kTileK; ++c) row[c] = ((bits >> c) & 1) ? row[c] : neg_inf;
+    float* row = t + r * kTileK;
+    for (int c0 = 0; c0 < kTileK; c0 += kVecWidth) {
+      store(row + c0, key_bits(row_bits[r], c0) != vuint{} ? load(row + c0) : neg_inf);
+    }
   }
 }
 
-template <typename T>
-void probs_from_lse(T* t, int rows, const T* lse) {
-  const T inf = std::numeric_limits<T>::infinity();
+void probs_from_lse_f32(float* t, int rows, const float* lse) {
+  const float inf = std::numeric_limits<float>::infinity();
   for (int r = 0; r < rows; ++r) {
     // An empty row (lse = -inf) subtracts +inf: every lane becomes exp(-inf) = 0, no NaN.
-    const T shift = lse[r] == -inf ? inf : lse[r];
-    T* row = t + r * kTileK;
-    for (int c = 0; c < kTileK; ++c) row[c] = exp_nonpositive(row[c] - shift);
+    const vfloat shift = splat(lse[r] == -inf ? inf : lse[r]);
+    float* row = t + r * kTileK;
+    for (int c0 = 0; c0 < kTileK; c0 += kVecWidth) {
+      store(row + c0, exp_nonpositive(load(row + c0) - shift));
+    }
   }
 }
 
-template <typename T>
-void apply_dropout(const T* p, T* p_kept, T* dp, int rows, const uint64_t* keep, T keep_scale) {
+void apply_dropout_f32(const float* p, float* p_kept, float* dp, int rows, const uint64_t* keep,
+                       float keep_scale) {
   for (int r = 0; r < rows; ++r) {
-    const uint64_t bits = keep[r];
-    const T* p_row = p + r * kTileK;
-    T* kept_row = p_kept + r * kTileK;
-    T* dp_row = dp + r * kTileK;
+    for (int c0 = 0; c0 < kTileK; c0 += kVecWidth) {
+      const int at = r * kTileK + c0;
+      const auto kept = key_bits(keep[r], c0) != vuint{};
+      store(p_kept + at, kept ? load(p + at) * splat(keep_scale) : vfloat{});
+      store(dp + at, kept ? load(dp + at) * splat(keep_scale) : vfloat{});
+    }
+  }
+}
+
+void grad_scores_f32(const float* p, float* dp, int rows, const float* delta) {
+  for (int r = 0; r < rows; ++r) {
+    const vfloat d = splat(delta[r]);
+    for (int c0 = 0; c0 < kTileK; c0 += kVecWidth) {
+      const int at = r * kTileK + c0;
+      store(dp + at, load(p + at) * (load(dp + at) - d));
+    }
+  }
+}
+
+void softcap_grad_f32(float* ds, int rows, const float* softcap_tanh) {
+  for (int at = 0; at < rows * kTileK; at += kVecWidth) {
+    const vfloat th = load(softcap_tanh + at);
+    store(ds + at, load(ds + at) * (splat(1.0f) - th * th));
+  }
+}
+
+void add_rows_f32(float* acc, const float* t, int rows) {
+  for (int at = 0; at < rows * kTileK; at += kVecWidth) store(acc + at, load(acc + at) + load(t + at));
+}
+
+BackwardMicroKernels<float> make_backward_table_f32() {
+  return {&score_epilogue_f32, &mask_rows_f32,    &probs_from_lse_f32, &apply_dropout_f32,
+          &grad_scores_f32,    &softcap_grad_f32, &add_rows_f32};
+}
+
+// ---- float64: plain loops -------------------------------------------------------------------
+
+void score_epilogue_f64(double* t, int rows, double softcap, double* softcap_tanh,
+                        double alibi_slope, int64_t i0, int64_t j0) {
+  for (int r = 0; r < rows; ++r) {
+    double* row = t + r * kTileK;
+    const int64_t offset = i0 + r - j0;  // i - j = offset - c
     for (int c = 0; c < kTileK; ++c) {
-      const bool kept = (bits >> c) & 1;
-      kept_row[c] = kept ? p_row[c] * keep_scale : T(0);
-      dp_row[c] = kept ? dp_row[c] * keep_scale : T(0);
-    }
-  }
-}
-
-template <typename T>
-void grad_scores(const T* p, T* dp, int rows, const T* delta) {
-  for (int r = 0; r < rows; ++r) {
-    const T d = delta[r];
-    const T* p_row = p + r * kTileK;
-    T* dp_row = dp + r * kTileK;
-    for (int c = 0; c < kTileK; ++c) dp_row[c] = p_row[c] * (dp_row[c] - d);
-  }
-}
-
-template <typename T>
-void softcap_grad(T* ds, int rows, const T* softcap_tanh) {
-  for (int r = 0; r < rows; ++r) {
-    T* row = ds + r * kTileK;
-    const T* tanh_row = softcap_tanh + r * kTileK;
-    for (int c = 0; c < kTileK; ++c) row[c] *= T(1) - tanh_row[c] * tanh_row[c];
-  }
-}
-
-template <typename T>
-void transpose(const T* src, int rows, T* dst) {
-  constexpr int kBlock = 8;  // 8 x 8 blocks keep both sides' lines in L1
-  for (int r0 = 0; r0 < kTileQ; r0 += kBlock) {
-    for (int c0 = 0; c0 < kTileK; c0 += kBlock) {
-      for (int c = c0; c < c0 + kBlock; ++c) {
-        for (int r = r0; r < r0 + kBlock; ++r) {
-          dst[c * kTileQ + r] = r < rows ? src[r * kTileK + c] : T(0);
-        }
+      double x = row[c];
+      if (softcap > 0.0) {
+        softcap_tanh[r * kTileK + c] = std::tanh(x / softcap);
+        x = softcap * softcap_tanh[r * kTileK + c];
       }
+      if (alibi_slope != 0.0) x -= alibi_slope * std::fabs(static_cast<double>(offset - c));
+      row[c] = x;
     }
   }
 }
 
-template <typename T>
-BackwardMicroKernels<T> make_backward_table() {
-  return {&score_epilogue<T>, &mask_rows<T>,    &probs_from_lse<T>, &apply_dropout<T>,
-          &grad_scores<T>,    &softcap_grad<T>, &transpose<T>};
+void mask_rows_f64(double* t, int rows, const uint64_t* row_bits) {
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < kTileK; ++c) {
+      if (!((row_bits[r] >> c) & 1)) t[r * kTileK + c] = neg_inf;
+    }
+  }
 }
 
-}  // namespace portable
+void probs_from_lse_f64(double* t, int rows, const double* lse) {
+  for (int r = 0; r < rows; ++r) {
+    const bool empty = lse[r] == -std::numeric_limits<double>::infinity();
+    for (int c = 0; c < kTileK; ++c) {
+      double& x = t[r * kTileK + c];
+      x = empty ? 0.0 : std::exp(x - lse[r]);
+    }
+  }
+}
+
+void apply_dropout_f64(const double* p, double* p_kept, double* dp, int rows,
+                       const uint64_t* keep, double keep_scale) {
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < kTileK; ++c) {
+      const int at = r * kTileK + c;
+      const bool kept = (keep[r] >> c) & 1;
+      p_kept[at] = kept ? p[at] * keep_scale : 0.0;
+      dp[at] = kept ? dp[at] * keep_scale : 0.0;
+    }
+  }
+}
+
+void grad_scores_f64(const double* p, double* dp, int rows, const double* delta) {
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < kTileK; ++c) dp[r * kTileK + c] = p[r * kTileK + c] * (dp[r * kTileK + c] - delta[r]);
+  }
+}
+
+void softcap_grad_f64(double* ds, int rows, const double* softcap_tanh) {
+  for (int at = 0; at < rows * kTileK; ++at) ds[at] *= 1.0 - softcap_tanh[at] * softcap_tanh[at];
+}
+
+void add_rows_f64(double* acc, const double* t, int rows) {
+  for (int at = 0; at < rows * kTileK; ++at) acc[at] += t[at];
+}
+
+BackwardMicroKernels<double> make_backward_table_f64() {
+  return {&score_epilogue_f64, &mask_rows_f64,    &probs_from_lse_f64, &apply_dropout_f64,
+          &grad_scores_f64,    &softcap_grad_f64, &add_rows_f64};
+}
+
+}  // namespace
+
+const BackwardMicroKernels<float>& backward_table_f32() {
+  static const BackwardMicroKernels<float> table = make_backward_table_f32();
+  return table;
+}
+
+const BackwardMicroKernels<double>& backward_table_f64() {
+  static const BackwardMicroKernels<double> table = make_backward_table_f64();
+  return table;
+}
+
 }  // namespace sparse_attn::cpu::SA_SIMD_NAMESPACE

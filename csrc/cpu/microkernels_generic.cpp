@@ -1,17 +1,5 @@
-// The portable micro-kernels: compiled with the baseline flags of the target (SSE2 on x86-64).
+// The portable micro-kernels: the one source of microkernels_impl.h compiled with the target's
+// baseline flags, with four-float vectors (SSE2 on x86-64, NEON on Arm, plain code elsewhere).
 #define SA_SIMD_NAMESPACE generic
+#define SA_VEC_BYTES 16
 #include "microkernels_impl.h"
-
-namespace sparse_attn::cpu::generic {
-
-const MicroKernels<float>& table_f32() {
-  static const MicroKernels<float> table = portable::make_table<float>();
-  return table;
-}
-
-const MicroKernels<double>& table_f64() {
-  static const MicroKernels<double> table = portable::make_table<double>();
-  return table;
-}
-
-}  // namespace sparse_attn::cpu::generic

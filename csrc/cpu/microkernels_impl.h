@@ -1,7 +1,7 @@
-// The micro-kernels written once as plain loops shaped for the vectoriser (inner loops run
-// along the query lanes). Included by each microkernels_<level>.cpp inside its own namespace
-// and compiled with that level's flags; the AVX2 level replaces the float32 ones by intrinsics.
-// No namespace-scope constants or statics: a static initialiser here could run AVX2 code.
+// The micro-kernels, written once: float32 against the vector type of simd.h, float64 as plain
+// loops (the simpler path). Included by each microkernels_<level>.cpp, which sets
+// SA_SIMD_NAMESPACE and SA_VEC_BYTES and is compiled with that level's flags. Tiles are in
+// "query lanes" order (see microkernels.h): the queries of a tile run along the vector lanes.
 #pragma once
 
 #include <cmath>
@@ -10,170 +10,302 @@
 #include <limits>
 
 #include "microkernels.h"
+#include "simd.h"
 
 namespace sparse_attn::cpu::SA_SIMD_NAMESPACE {
-namespace portable {
+namespace {
 
-// exp(x) for x <= 0 (softmax arguments), branch-free so it vectorises. Cephes' expf
-// polynomial: max relative error about 2 ulp. Results below 2^-126 flush to 0 (no denormals);
-// exp(-inf) = 0 and NaN stays NaN.
-inline float exp_nonpositive(float x) {
-  const float kLog2e = 1.44269504088896341f;
-  const float kRoundMagic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-  const float xc = x < -87.33f ? -87.33f : x;
-  const float t = xc * kLog2e + kRoundMagic;
-  const float n = t - kRoundMagic;
-  const float r = xc - n * kLn2Hi - n * kLn2Lo;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  const float y = p * two_n;
-  return x < -87.33f ? 0.0f : (x != x ? x : y);
+// ---- float32: vector code ------------------------------------------------------------------
+
+constexpr int kPanel = 2 * kVecWidth;  // query lanes per micro-tile: two vectors
+// Rows per micro-tile: 6 x 2 accumulators fit 16 vector registers with the two B vectors and
+// a broadcast.
+constexpr int kMicroRows = 6;
+
+// c[i][0:16] = sum_k a_i[k * a_col_stride] * b[k * kTileQ + 0:16] for i < R; in accumulate mode
+// the old c, multiplied lane-wise by scale[0:16], is added. depth >= 1: with a loop that may
+// run zero times, or a run-time branch choosing the accumulators' start, gcc kept them in
+// memory and the FMA rate halved.
+template <int R, bool kAccumulate>
+inline void micro_tile(const float* a, int64_t a_row_stride, int64_t a_col_stride, int depth,
+                       const float* b, float* c, const float* scale) {
+  vfloat acc[R][2];
+  if constexpr (kAccumulate) {
+    const vfloat s0 = load(scale), s1 = load(scale + kVecWidth);
+    for (int i = 0; i < R; ++i) {
+      acc[i][0] = load(c + i * kTileQ) * s0;
+      acc[i][1] = load(c + i * kTileQ + kVecWidth) * s1;
+    }
+  } else {
+    for (int i = 0; i < R; ++i) {
+      acc[i][0] = vfloat{};
+      acc[i][1] = vfloat{};
+    }
+  }
+  int k = 0;
+  do {
+    const vfloat b0 = load(b + k * kTileQ), b1 = load(b + k * kTileQ + kVecWidth);
+    const float* ak = a + k * a_col_stride;
+    for (int i = 0; i < R; ++i) {
+      const vfloat ai = splat(ak[i * a_row_stride]);
+      acc[i][0] = fmadd(ai, b0, acc[i][0]);
+      acc[i][1] = fmadd(ai, b1, acc[i][1]);
+    }
+  } while (++k < depth);
+  for (int i = 0; i < R; ++i) {
+    store(c + i * kTileQ, acc[i][0]);
+    store(c + i * kTileQ + kVecWidth, acc[i][1]);
+  }
 }
 
-inline double exp_nonpositive(double x) { return std::exp(x); }
-
-// tanh through exp(-2|x|), with a Taylor polynomial below |x| < 1/16 where 1 - exp(-2|x|)
-// would cancel: absolute error about 1e-7 (float).
-inline float tanh_approx(float x) {
-  const float ax = x < 0.0f ? -x : x;
-  const float e = exp_nonpositive(-2.0f * ax);
-  const float big = (1.0f - e) / (1.0f + e);
-  const float x2 = ax * ax;
-  const float small = ax + ax * x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f)));
-  const float t = ax < 0.0625f ? small : big;
-  return x < 0.0f ? -t : (x != x ? x : t);
+template <int R, bool kAccumulate>
+void micro_rows(const float* a, int64_t a_row_stride, int64_t a_col_stride, int rows, int depth,
+                const float* b, float* c, const float* scale) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      micro_tile<R, kAccumulate>(a, a_row_stride, a_col_stride, depth, b, c, scale);
+    } else {
+      micro_rows<R - 1, kAccumulate>(a, a_row_stride, a_col_stride, rows, depth, b, c, scale);
+    }
+  }
 }
 
-inline double tanh_approx(double x) { return std::tanh(x); }
+// C[rows][kTileQ] (+)= A[rows][depth] * B[depth][kTileQ], A strided, in micro-tiles of
+// kMicroRows x 16; depth >= 1 (callers: the head dim, or a tile's key count).
+template <bool kAccumulate>
+void lanes_gemm(const float* a, int64_t a_row_stride, int64_t a_col_stride, int rows, int depth,
+                const float* b, float* c, const float* scale) {
+  for (int n0 = 0; n0 < kTileQ; n0 += kPanel) {
+    const float* panel_scale = kAccumulate ? scale + n0 : nullptr;
+    int i0 = 0;
+    for (; i0 + kMicroRows <= rows; i0 += kMicroRows) {
+      micro_tile<kMicroRows, kAccumulate>(a + i0 * a_row_stride, a_row_stride, a_col_stride,
+                                          depth, b + n0, c + i0 * kTileQ + n0, panel_scale);
+    }
+    if (i0 < rows) {
+      micro_rows<kMicroRows - 1, kAccumulate>(a + i0 * a_row_stride, a_row_stride, a_col_stride,
+                                              rows - i0, depth, b + n0, c + i0 * kTileQ + n0,
+                                              panel_scale);
+    }
+  }
+}
 
-template <typename T>
-void pack_q(const T* q, int64_t q_row_stride, int rows, int dim, const T* row_scale,
-            T* q_packed) {
+void pack_q_f32(const float* q, int64_t q_row_stride, int rows, int dim, const float* row_scale,
+                float* q_packed) {
   for (int r = 0; r < rows; ++r) {
-    const T* query = q + r * q_row_stride;
+    const float* query = q + r * q_row_stride;
     for (int d = 0; d < dim; ++d) q_packed[d * kTileQ + r] = row_scale[r] * query[d];
   }
   for (int d = 0; d < dim; ++d) {
-    for (int r = rows; r < kTileQ; ++r) q_packed[d * kTileQ + r] = T(0);
+    for (int r = rows; r < kTileQ; ++r) q_packed[d * kTileQ + r] = 0.0f;
   }
 }
 
-template <typename T>
-void score_tile(const T* k, int64_t k_row_stride, int cols, int dim, const T* q_packed, T* s) {
+void score_tile_f32(const float* k, int64_t k_row_stride, int cols, int dim,
+                    const float* q_packed, float* s) {
+  lanes_gemm<false>(k, k_row_stride, 1, cols, dim, q_packed, s, nullptr);
+}
+
+void accumulate_pv_f32(const float* p, int cols, const float* v, int64_t v_row_stride, int dim_v,
+                       const float* corr, float* acc) {
+  lanes_gemm<true>(v, 1, v_row_stride, dim_v, cols, p, acc, corr);
+}
+
+void additive_score_tile_f32(const float* k_proj, int64_t k_row_stride, int cols, int adim,
+                             const float* qp_packed, const float* w, float* s) {
   for (int c = 0; c < cols; ++c) {
-    T acc[kTileQ] = {};
-    const T* key = k + c * k_row_stride;
+    const float* key = k_proj + c * k_row_stride;
+    for (int g = 0; g < kTileQ; g += kVecWidth) {
+      vfloat acc{};
+      for (int a = 0; a < adim; ++a) {
+        acc = fmadd(splat(w[a]), tanh_approx(load(qp_packed + a * kTileQ + g) + splat(key[a])), acc);
+      }
+      store(s + c * kTileQ + g, acc);
+    }
+  }
+}
+
+void score_epilogue_f32(float* s, int cols, const float* col_scale, float softcap,
+                        float alibi_slope, int64_t i0, int64_t j0) {
+  vfloat lane_index;
+  for (int l = 0; l < kVecWidth; ++l) lane_index[l] = static_cast<float>(l);
+  for (int c = 0; c < cols; ++c) {
+    float* lanes = s + c * kTileQ;
+    const float column_scale = col_scale != nullptr ? col_scale[c] : 1.0f;
+    const float offset = static_cast<float>(i0 - (j0 + c));  // i - j = offset + r
+    for (int g = 0; g < kTileQ; g += kVecWidth) {
+      vfloat x = load(lanes + g);
+      if (col_scale != nullptr) x = x * splat(column_scale);
+      if (softcap > 0.0f) x = splat(softcap) * tanh_approx(x * splat(1.0f / softcap));
+      if (alibi_slope != 0.0f) {
+        x = x - splat(alibi_slope) * vabs(lane_index + splat(offset + static_cast<float>(g)));
+      }
+      store(lanes + g, x);
+    }
+  }
+}
+
+void mask_tile_f32(float* s, int cols, const uint64_t* row_bits) {
+  uint32_t halves[2][kTileQ];  // bits of columns 0-31 and 32-63, one word per query lane
+  for (int r = 0; r < kTileQ; ++r) {
+    halves[0][r] = static_cast<uint32_t>(row_bits[r]);
+    halves[1][r] = static_cast<uint32_t>(row_bits[r] >> 32);
+  }
+  const vfloat neg_inf = splat(-std::numeric_limits<float>::infinity());
+  for (int c = 0; c < cols; ++c) {
+    const uint32_t* half = halves[c >> 5];
+    const uint32_t shift = static_cast<uint32_t>(c & 31);
+    float* lanes = s + c * kTileQ;
+    for (int g = 0; g < kTileQ; g += kVecWidth) {
+      const vuint bit = (load_u32(half + g) >> shift) & 1u;
+      store(lanes + g, bit != vuint{} ? load(lanes + g) : neg_inf);
+    }
+  }
+}
+
+void softmax_update_f32(float* s, int cols, float* row_max, float* row_sum, float* corr) {
+  const vfloat neg_inf = splat(-std::numeric_limits<float>::infinity());
+  for (int g = 0; g < kTileQ; g += kVecWidth) {
+    const vfloat old_max = load(row_max + g);
+    vfloat new_max = old_max;
+    for (int c = 0; c < cols; ++c) new_max = vmax(load(s + c * kTileQ + g), new_max);
+    // A lane with nothing allowed yet subtracts 0 instead of -inf: exp(-inf - 0) = 0, no NaN.
+    const vfloat safe_max = new_max == neg_inf ? vfloat{} : new_max;
+    vfloat sum{};
+    for (int c = 0; c < cols; ++c) {
+      float* lanes = s + c * kTileQ + g;
+      const vfloat p = exp_nonpositive(load(lanes) - safe_max);
+      store(lanes, p);
+      sum = sum + p;
+    }
+    const vfloat rescale = exp_nonpositive(old_max - safe_max);
+    store(corr + g, rescale);
+    store(row_sum + g, fmadd(load(row_sum + g), rescale, sum));
+    store(row_max + g, new_max);
+  }
+}
+
+MicroKernels<float> make_table_f32() {
+  return {&pack_q_f32,         &score_tile_f32,     &additive_score_tile_f32, &score_epilogue_f32,
+          &mask_tile_f32,      &softmax_update_f32, &accumulate_pv_f32};
+}
+
+// ---- float64: plain loops -------------------------------------------------------------------
+
+inline double tanh_f64(double x) { return std::tanh(x); }
+
+void pack_q_f64(const double* q, int64_t q_row_stride, int rows, int dim,
+                const double* row_scale, double* q_packed) {
+  for (int r = 0; r < rows; ++r) {
+    const double* query = q + r * q_row_stride;
+    for (int d = 0; d < dim; ++d) q_packed[d * kTileQ + r] = row_scale[r] * query[d];
+  }
+  for (int d = 0; d < dim; ++d) {
+    for (int r = rows; r < kTileQ; ++r) q_packed[d * kTileQ + r] = 0.0;
+  }
+}
+
+void score_tile_f64(const double* k, int64_t k_row_stride, int cols, int dim,
+                    const double* q_packed, double* s) {
+  for (int c = 0; c < cols; ++c) {
+    double acc[kTileQ] = {};
+    const double* key = k + c * k_row_stride;
     for (int d = 0; d < dim; ++d) {
-      const T kd = key[d];
-      const T* lanes = q_packed + d * kTileQ;
+      const double kd = key[d];
+      const double* lanes = q_packed + d * kTileQ;
       for (int r = 0; r < kTileQ; ++r) acc[r] += kd * lanes[r];
     }
     std::memcpy(s + c * kTileQ, acc, sizeof acc);
   }
 }
 
-template <typename T>
-void additive_score_tile(const T* k_proj, int64_t k_row_stride, int cols, int adim,
-                         const T* qp_packed, const T* w, T* s) {
+void additive_score_tile_f64(const double* k_proj, int64_t k_row_stride, int cols, int adim,
+                             const double* qp_packed, const double* w, double* s) {
   for (int c = 0; c < cols; ++c) {
-    T acc[kTileQ] = {};
-    const T* key = k_proj + c * k_row_stride;
+    double acc[kTileQ] = {};
+    const double* key = k_proj + c * k_row_stride;
     for (int a = 0; a < adim; ++a) {
-      const T ka = key[a], wa = w[a];
-      const T* lanes = qp_packed + a * kTileQ;
-      for (int r = 0; r < kTileQ; ++r) acc[r] += wa * tanh_approx(lanes[r] + ka);
+      const double* lanes = qp_packed + a * kTileQ;
+      for (int r = 0; r < kTileQ; ++r) acc[r] += w[a] * tanh_f64(lanes[r] + key[a]);
     }
     std::memcpy(s + c * kTileQ, acc, sizeof acc);
   }
 }
 
-template <typename T>
-void score_epilogue(T* s, int cols, const T* col_scale, T softcap, T alibi_slope, int64_t i0,
-                    int64_t j0) {
+void score_epilogue_f64(double* s, int cols, const double* col_scale, double softcap,
+                        double alibi_slope, int64_t i0, int64_t j0) {
   for (int c = 0; c < cols; ++c) {
-    T* lanes = s + c * kTileQ;
-    if (col_scale != nullptr) {
-      for (int r = 0; r < kTileQ; ++r) lanes[r] *= col_scale[c];
-    }
-    if (softcap > T(0)) {
-      const T inv = T(1) / softcap;
-      for (int r = 0; r < kTileQ; ++r) lanes[r] = softcap * tanh_approx(lanes[r] * inv);
-    }
-    if (alibi_slope != T(0)) {
-      const int64_t offset = i0 - (j0 + c);  // i - j = offset + r
-      for (int r = 0; r < kTileQ; ++r) {
-        const T distance = static_cast<T>(offset + r);
-        lanes[r] -= alibi_slope * (distance < T(0) ? -distance : distance);
-      }
-    }
-  }
-}
-
-template <typename T>
-void mask_tile(T* s, int cols, const uint64_t* row_bits) {
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  for (int c = 0; c < cols; ++c) {
-    T* lanes = s + c * kTileQ;
-    for (int r = 0; r < kTileQ; ++r) lanes[r] = ((row_bits[r] >> c) & 1) ? lanes[r] : neg_inf;
-  }
-}
-
-template <typename T>
-void softmax_update(T* s, int cols, T* row_max, T* row_sum, T* corr) {
-  const T neg_inf = -std::numeric_limits<T>::infinity();
-  T new_max[kTileQ], safe_max[kTileQ], sum[kTileQ] = {};
-  for (int r = 0; r < kTileQ; ++r) new_max[r] = row_max[r];
-  for (int c = 0; c < cols; ++c) {
-    const T* lanes = s + c * kTileQ;
-    for (int r = 0; r < kTileQ; ++r) new_max[r] = lanes[r] > new_max[r] ? lanes[r] : new_max[r];
-  }
-  // A lane with nothing allowed yet subtracts 0 instead of -inf: exp(-inf - 0) = 0, no NaN.
-  for (int r = 0; r < kTileQ; ++r) safe_max[r] = new_max[r] == neg_inf ? T(0) : new_max[r];
-  for (int c = 0; c < cols; ++c) {
-    T* lanes = s + c * kTileQ;
+    double* lanes = s + c * kTileQ;
+    const int64_t offset = i0 - (j0 + c);  // i - j = offset + r
     for (int r = 0; r < kTileQ; ++r) {
-      const T p = exp_nonpositive(lanes[r] - safe_max[r]);
-      lanes[r] = p;
-      sum[r] += p;
+      double x = lanes[r];
+      if (col_scale != nullptr) x *= col_scale[c];
+      if (softcap > 0.0) x = softcap * tanh_f64(x / softcap);
+      if (alibi_slope != 0.0) x -= alibi_slope * std::fabs(static_cast<double>(offset + r));
+      lanes[r] = x;
     }
-  }
-  for (int r = 0; r < kTileQ; ++r) {
-    corr[r] = exp_nonpositive(row_max[r] - safe_max[r]);
-    row_sum[r] = row_sum[r] * corr[r] + sum[r];
-    row_max[r] = new_max[r];
   }
 }
 
-template <typename T>
-void accumulate_pv(const T* p, int cols, const T* v, int64_t v_row_stride, int dim_v,
-                   const T* corr, T* acc) {
+void mask_tile_f64(double* s, int cols, const uint64_t* row_bits) {
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  for (int c = 0; c < cols; ++c) {
+    double* lanes = s + c * kTileQ;
+    for (int r = 0; r < kTileQ; ++r) {
+      if (!((row_bits[r] >> c) & 1)) lanes[r] = neg_inf;
+    }
+  }
+}
+
+void softmax_update_f64(double* s, int cols, double* row_max, double* row_sum, double* corr) {
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  for (int r = 0; r < kTileQ; ++r) {
+    double new_max = row_max[r];
+    for (int c = 0; c < cols; ++c) new_max = s[c * kTileQ + r] > new_max ? s[c * kTileQ + r] : new_max;
+    // A lane with nothing allowed yet subtracts 0 instead of -inf: exp(-inf - 0) = 0, no NaN.
+    const double safe_max = new_max == neg_inf ? 0.0 : new_max;
+    double sum = 0.0;
+    for (int c = 0; c < cols; ++c) {
+      const double p = std::exp(s[c * kTileQ + r] - safe_max);
+      s[c * kTileQ + r] = p;
+      sum += p;
+    }
+    corr[r] = std::exp(row_max[r] - safe_max);
+    row_sum[r] = row_sum[r] * corr[r] + sum;
+    row_max[r] = new_max;
+  }
+}
+
+void accumulate_pv_f64(const double* p, int cols, const double* v, int64_t v_row_stride,
+                       int dim_v, const double* corr, double* acc) {
   for (int e = 0; e < dim_v; ++e) {
-    T lanes_acc[kTileQ];
-    T* out = acc + static_cast<int64_t>(e) * kTileQ;
+    double lanes_acc[kTileQ];
+    double* out = acc + static_cast<int64_t>(e) * kTileQ;
     for (int r = 0; r < kTileQ; ++r) lanes_acc[r] = out[r] * corr[r];
     for (int c = 0; c < cols; ++c) {
-      const T ve = v[c * v_row_stride + e];
-      const T* probs = p + c * kTileQ;
+      const double ve = v[c * v_row_stride + e];
+      const double* probs = p + c * kTileQ;
       for (int r = 0; r < kTileQ; ++r) lanes_acc[r] += ve * probs[r];
     }
     std::memcpy(out, lanes_acc, sizeof lanes_acc);
   }
 }
 
-template <typename T>
-MicroKernels<T> make_table() {
-  return {&pack_q<T>,         &score_tile<T>,      &additive_score_tile<T>, &score_epilogue<T>,
-          &mask_tile<T>,      &softmax_update<T>,  &accumulate_pv<T>};
+MicroKernels<double> make_table_f64() {
+  return {&pack_q_f64,         &score_tile_f64,     &additive_score_tile_f64, &score_epilogue_f64,
+          &mask_tile_f64,      &softmax_update_f64, &accumulate_pv_f64};
 }
 
-}  // namespace portable
+}  // namespace
+
+const MicroKernels<float>& table_f32() {
+  static const MicroKernels<float> table = make_table_f32();
+  return table;
+}
+
+const MicroKernels<double>& table_f64() {
+  static const MicroKernels<double> table = make_table_f64();
+  return table;
+}
+
 }  // namespace sparse_attn::cpu::SA_SIMD_NAMESPACE

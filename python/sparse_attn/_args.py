@@ -75,7 +75,6 @@ def problem_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray | None) -> Problem
                 f"{name} must have at least 2 dimensions (L, D) or (..., H, L, D), "
                 f"got shape {a.shape}"
             )
-    squeeze = q.ndim == 2
     q3, k3 = _with_head_axis(q), _with_head_axis(k)
     v3 = _with_head_axis(v) if v is not None else None
     heads_q, len_q, dim_qk = q3.shape[-3:]
@@ -102,6 +101,8 @@ def problem_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray | None) -> Problem
     except ValueError:
         shapes = ", ".join(str(a.shape) for a in (q, k, v) if a is not None)
         raise ValueError(f"the leading (batch) dimensions of q, k, v do not broadcast: {shapes}")
+    # A 2-D q gives a 2-D result unless k or v bring batch dimensions.
+    squeeze = q.ndim == 2 and batch_shape == ()
     return Problem(batch_shape, heads_q, heads_kv, len_q, len_k, dim_qk, dim_v, squeeze)
 
 
@@ -119,8 +120,8 @@ def operand(a: np.ndarray, batch_shape: tuple, tail: tuple, *, unit_col: bool) -
         a = np.ascontiguousarray(a)
     view = np.broadcast_to(a, batch_shape + tail)
     strides = [s // view.itemsize for s in view.strides]
-    if unit_col and tail[-1] <= 1:
-        strides[-1] = 1  # a single column is never stepped over
+    if unit_col and (tail[-1] <= 1 or view.size == 0):
+        strides[-1] = 1  # a single column, or an empty array, is never stepped over
     offsets = np.zeros(batch_shape, dtype=np.int64)
     for axis, (n, s) in enumerate(zip(batch_shape, strides[: len(batch_shape)])):
         shape = [1] * len(batch_shape)
