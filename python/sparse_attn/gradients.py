@@ -36,7 +36,7 @@ def _sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
     stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
     if stretched:
         grad = grad.sum(axis=stretched, keepdims=True)
-    return grad.reshape(shape)
+    return np.asarray(grad).reshape(shape)  # a 0-d sum is an array too
 
 
 def _unit_rows(x, name: str) -> tuple[np.ndarray, np.ndarray]:

@@ -323,10 +323,11 @@ def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, 
         du = draw[..., None] * w * (1.0 - t**2)
         dqp, dkp = du.sum(axis=-2), du.sum(axis=-3)
         dq, dk = dqp @ wq.T, dkp @ wk.T
+        rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731 - every (batch, head, row)
         dparams = {
-            "wq": np.einsum("...ld,...la->da", q, dqp),
-            "wk": np.einsum("...ld,...la->da", k, dkp),
-            "w": np.einsum("...ij,...ija->a", draw, t),
+            "wq": rows(q).T @ rows(dqp),
+            "wk": rows(k).T @ rows(dkp),
+            "w": rows(draw[..., None] * t).sum(axis=0),
         }
     else:
         raise ValueError(f"unknown score {score!r}")
