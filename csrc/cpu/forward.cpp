@@ -222,7 +222,7 @@ void hard_tile(const AttentionParams& p, const TileWalker<T>& walker, const Quer
   const T neg_inf = -std::numeric_limits<T>::infinity();
   std::fill(sc.best.begin(), sc.best.end(), neg_inf);
   std::fill(sc.best_index.begin(), sc.best_index.end(), int64_t{-1});
-  const T inv_temperature = static_cast<T>(1.0 / p.temperature);
+  const T temperature = static_cast<T>(p.temperature);
   for (int64_t e = layout.row_start(t.qt); e < layout.row_start(t.qt + 1); ++e) {
     const int cols = walker.score(t, e, sc);
     if (cols == 0) break;
@@ -238,7 +238,8 @@ void hard_tile(const AttentionParams& p, const TileWalker<T>& walker, const Quer
           // Gumbel(0, 1) = -log(-log(u)), u in (0, 1): the 24-bit uniform shifted by half a step.
           const uint64_t bits = mix64(stream ^ static_cast<uint64_t>(p.k0 + col0 + c));
           const double u = (static_cast<double>(bits >> 40) + 0.5) * (1.0 / 16777216.0);
-          value = value * inv_temperature + static_cast<T>(-std::log(-std::log(u)));
+          // argmax of s / t + g is the argmax of s + t * g (t > 0), which cannot overflow
+          value += temperature * static_cast<T>(-std::log(-std::log(u)));
         }
         if (value > sc.best[r]) {
           sc.best[r] = value;
