@@ -48,9 +48,10 @@ LayoutPtr compile_layout(Int64Array nodes, const py::list& data, int64_t len_q, 
     node.data_len = 0;
     if (data[i].is_none()) continue;
     py::array arr = py::array::ensure(data[i], py::array::c_style);
-    const bool tokens = node.op == sparse_attn::Op::Global;
+    const bool tokens = sparse_attn::node_data_is_int64(node.op);
     if (!arr || arr.itemsize() != (tokens ? 8 : 1)) {
-      throw std::invalid_argument("compile_layout: node data must be int64 tokens or uint8 bits");
+      throw std::invalid_argument(
+          "compile_layout: node data must be int64 (tokens, document ends, exclusions) or uint8");
     }
     node.data = arr.data();
     node.data_len = arr.size();

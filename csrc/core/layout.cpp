@@ -19,7 +19,7 @@ enum class Class : uint8_t { Empty, Partial, Full, Maybe };
 
 int64_t ceil_div(int64_t n, int64_t d) { return (n + d - 1) / d; }
 
-size_t element_bytes(Op op) { return op == Op::Global ? sizeof(int64_t) : sizeof(uint8_t); }
+size_t element_bytes(Op op) { return node_data_is_int64(op) ? sizeof(int64_t) : sizeof(uint8_t); }
 
 void append_merged(Intervals& out, int64_t lo, int64_t hi) {
   if (lo >= hi) return;
@@ -70,19 +70,49 @@ struct TileRect {
   int64_t i0, i1, j0, j1;
 };
 
+// Whether every column of [lo, hi] is a summary column of Fixed (j mod block >= block - summary).
+bool all_summary(int64_t lo, int64_t hi, int64_t block, int64_t summary) {
+  return lo > hi || summary >= block ||
+         (floor_div(lo, block) == floor_div(hi, block) && pos_mod(lo, block) >= block - summary);
+}
+
+// Whether some column of [lo, hi] is a summary column of Fixed.
+bool any_summary(int64_t lo, int64_t hi, int64_t block, int64_t summary) {
+  if (summary <= 0 || lo > hi) return false;
+  const int64_t r = pos_mod(lo, block);
+  const int64_t next = r >= block - summary ? lo : lo + (block - summary - r);
+  return next <= hi;
+}
+
+// Allowed pairs of a random primitive per key tile, for the rows of one query tile: the
+// compiler draws each row (block row) once per query tile, then looks tiles up here.
+struct DrawnTiles {
+  int64_t i0 = -1, i1 = -1;                          // the query rows these counts are for
+  std::vector<std::pair<int64_t, int64_t>> counts;  // (key tile, allowed pairs), ascending
+};
+
 class Compiler {
  public:
   Compiler(const Layout& layout, const LayoutSpec& spec)
       : program_(layout.program()), spec_(spec) {
     num_k_tiles_ = ceil_div(spec.len_k, spec.tile_k);
-    // The column half of Global is the same for every query tile: list it once.
+    // The column half of Global and the summary columns of Fixed are the same for every query
+    // tile: list them once.
     static_cols_.resize(program_.size);
+    drawn_.resize(program_.size);
+    const int64_t k_first = spec.k0, k_last = spec.k0 + spec.len_k - 1;
     for (int32_t n = 0; n < program_.size; ++n) {
       const PatternNode& node = program_.nodes[n];
-      if (node.op != Op::Global || !node.b) continue;
-      const auto* tokens = static_cast<const int64_t*>(node.data);
-      for (int64_t t = 0; t < node.data_len; ++t) {
-        append_tiles(static_cols_[n], tokens[t], tokens[t]);
+      if (node.op == Op::Global && node.b) {
+        const auto* tokens = static_cast<const int64_t*>(node.data);
+        for (int64_t t = 0; t < node.data_len; ++t) {
+          append_tiles(static_cols_[n], tokens[t], tokens[t]);
+        }
+      } else if (node.op == Op::Fixed && node.b > 0 && spec.len_k > 0) {
+        const int64_t block = node.a, summary = node.b;
+        for (int64_t kb = floor_div(k_first, block); kb <= floor_div(k_last, block); ++kb) {
+          append_tiles(static_cols_[n], kb * block + block - summary, kb * block + block - 1);
+        }
       }
     }
     stack_.resize(kMaxProgramDepth);
@@ -108,7 +138,7 @@ class Compiler {
     return stack_[0];
   }
 
-  Class classify(const TileRect& t) const {
+  Class classify(const TileRect& t) {
     Class stack[kMaxProgramDepth];
     int top = 0;
     for (int32_t n = 0; n < program_.size; ++n) {
@@ -120,7 +150,7 @@ class Compiler {
         --top;
         stack[top - 1] = intersect_class(stack[top - 1], stack[top]);
       } else {
-        stack[top++] = primitive_class(node, t);
+        stack[top++] = primitive_class(n, node, t);
       }
     }
     if (stack[0] != Class::Maybe) return stack[0];
@@ -146,7 +176,7 @@ class Compiler {
   }
 
   void primitive_support(int32_t n, const PatternNode& node, int64_t i0, int64_t i1,
-                         Intervals& out) const {
+                         Intervals& out) {
     const int64_t k_first = spec_.k0, k_last = spec_.k0 + spec_.len_k - 1;
     switch (node.op) {
       case Op::Causal:
@@ -182,6 +212,38 @@ class Compiler {
         }
         return;
       }
+      case Op::Random:
+      case Op::RandomBlocks:
+        for (const auto& [kt, count] : drawn_tiles(n, node, i0, i1).counts) {
+          append_merged(out, kt, kt + 1);
+        }
+        return;
+      case Op::Fixed: {
+        const int64_t block = node.a;
+        Intervals& same_block = scratch_fixed_;
+        same_block.clear();
+        append_tiles(same_block, floor_div(i0, block) * block,
+                     floor_div(i1, block) * block + block - 1);
+        union_into(static_cols_[n], same_block, out);
+        return;
+      }
+      case Op::Documents: {
+        const auto* ends = static_cast<const int64_t*>(node.data);
+        int64_t first_start = 0, first_end = 0, last_start = 0, last_end = 0;
+        if (!document_span(ends, node.data_len, std::max<int64_t>(i0, 0), first_start, first_end)) {
+          return;  // every row lies past the last document
+        }
+        const int64_t last_row = std::min(i1, node.data_len ? ends[node.data_len - 1] - 1 : -1);
+        document_span(ends, node.data_len, last_row, last_start, last_end);
+        append_tiles(out, first_start, last_end - 1);
+        return;
+      }
+      case Op::BlockWindow: {
+        const int64_t block = node.a;
+        append_tiles(out, (floor_div(i0, block) - node.b) * block,
+                     (floor_div(i1, block) + node.c + 1) * block - 1);
+        return;
+      }
       case Op::Block: {
         const int64_t block = node.a, q_blocks = node.b, k_blocks = node.c;
         const auto* bits = static_cast<const uint8_t*>(node.data);
@@ -203,8 +265,54 @@ class Compiler {
     }
   }
 
-  static Class primitive_class(const PatternNode& node, const TileRect& t) {
+  Class primitive_class(int32_t n, const PatternNode& node, const TileRect& t) {
     switch (node.op) {
+      case Op::Random:
+      case Op::RandomBlocks: {
+        // Draws are distinct per row, so a tile is full when it holds rows x cols pairs.
+        const auto& counts = drawn_tiles(n, node, t.i0, t.i1).counts;
+        const int64_t kt = (t.j0 - spec_.k0) / spec_.tile_k;
+        const auto at =
+            std::lower_bound(counts.begin(), counts.end(), std::make_pair(kt, int64_t{0}));
+        if (at == counts.end() || at->first != kt) return Class::Empty;
+        return at->second == (t.i1 - t.i0 + 1) * (t.j1 - t.j0 + 1) ? Class::Full : Class::Partial;
+      }
+      case Op::Fixed: {
+        const int64_t block = node.a, summary = node.b;
+        const int64_t qb0 = floor_div(t.i0, block), qb1 = floor_div(t.i1, block);
+        const bool same_block = floor_div(t.j1, block) >= qb0 && floor_div(t.j0, block) <= qb1;
+        if (!same_block && !any_summary(t.j0, t.j1, block, summary)) return Class::Empty;
+        // Full: every column is a summary column or, when all rows share block qb, inside qb.
+        bool full = all_summary(t.j0, t.j1, block, summary);
+        if (!full && qb0 == qb1) {
+          full = all_summary(t.j0, std::min(t.j1, qb0 * block - 1), block, summary) &&
+                 all_summary(std::max(t.j0, qb0 * block + block), t.j1, block, summary);
+        }
+        return full ? Class::Full : Class::Partial;
+      }
+      case Op::Documents: {
+        // Documents meeting the rows [da, db] and the columns [dc, dd] are contiguous ranges.
+        const auto* ends = static_cast<const int64_t*>(node.data);
+        const int64_t count = node.data_len;
+        const int64_t end = count ? ends[count - 1] : 0;  // positions >= end hold no document
+        if (t.i0 >= end || t.j0 >= end || t.i1 < 0 || t.j1 < 0) return Class::Empty;
+        auto doc = [&](int64_t p) {
+          return lower_bound_i64(ends, count, std::max<int64_t>(p, 0) + 1);
+        };
+        const int64_t da = doc(t.i0), db = doc(std::min(t.i1, end - 1));
+        const int64_t dc = doc(t.j0), dd = doc(std::min(t.j1, end - 1));
+        if (std::max(da, dc) > std::min(db, dd)) return Class::Empty;
+        const bool full = da == db && dc == dd && da == dc && t.i1 < end && t.j1 < end &&
+                          t.i0 >= 0 && t.j0 >= 0;
+        return full ? Class::Full : Class::Partial;
+      }
+      case Op::BlockWindow: {
+        const int64_t block = node.a, left = node.b, right = node.c;
+        const int64_t qa = floor_div(t.i0, block), qz = floor_div(t.i1, block);
+        const int64_t ca = floor_div(t.j0, block), cz = floor_div(t.j1, block);
+        if (cz < qa - left || ca > qz + right) return Class::Empty;
+        return (ca >= qz - left && cz <= qa + right) ? Class::Full : Class::Partial;
+      }
       case Op::Dense:
         return Class::Full;
       case Op::Causal:
@@ -262,12 +370,67 @@ class Compiler {
     }
   }
 
+  // The allowed pairs per key tile of random node n for the query rows [i0, i1], computed once
+  // per query tile: every row (block row) is drawn once, its keys (blocks) counted per tile.
+  const DrawnTiles& drawn_tiles(int32_t n, const PatternNode& node, int64_t i0, int64_t i1) {
+    DrawnTiles& drawn = drawn_[n];
+    if (drawn.i0 == i0 && drawn.i1 == i1) return drawn;
+    drawn.i0 = i0;
+    drawn.i1 = i1;
+    auto& counts = drawn.counts;
+    counts.clear();
+    const int64_t k_first = spec_.k0, k_end = spec_.k0 + spec_.len_k;
+    // Adds rows x (columns of [lo, hi) inside the window) pairs, split by key tile.
+    auto add = [&](int64_t lo, int64_t hi, int64_t rows) {
+      lo = std::max(lo, k_first);
+      hi = std::min(hi, k_end);
+      while (lo < hi) {
+        const int64_t kt = (lo - k_first) / spec_.tile_k;
+        const int64_t tile_end = std::min(hi, k_first + (kt + 1) * spec_.tile_k);
+        counts.emplace_back(kt, rows * (tile_end - lo));
+        lo = tile_end;
+      }
+    };
+    int64_t drawn_keys[kMaxRandomDraws];
+    if (node.op == Op::Random) {
+      for (int64_t i = std::max<int64_t>(i0, 0); i <= i1; ++i) {
+        if (node.a >= node.c) {
+          add(0, node.c, 1);
+          continue;
+        }
+        const int64_t k = random_row_keys(node, i, drawn_keys);
+        for (int64_t r = 0; r < k; ++r) add(drawn_keys[r], drawn_keys[r] + 1, 1);
+      }
+    } else {
+      const int64_t block = node.b;
+      for (int64_t qb = std::max<int64_t>(i0, 0) / block; qb <= i1 / block && i1 >= 0; ++qb) {
+        const int64_t rows = std::min(i1, qb * block + block - 1) - std::max(i0, qb * block) + 1;
+        const int64_t k = random_key_blocks(node, qb, drawn_keys);
+        for (int64_t r = 0; r < k; ++r) {
+          add(drawn_keys[r] * block, drawn_keys[r] * block + block, rows);
+        }
+      }
+    }
+    std::sort(counts.begin(), counts.end());
+    size_t kept = 0;  // merge the entries of each tile
+    for (size_t e = 0; e < counts.size(); ++e) {
+      if (kept > 0 && counts[kept - 1].first == counts[e].first) {
+        counts[kept - 1].second += counts[e].second;
+      } else {
+        counts[kept++] = counts[e];
+      }
+    }
+    counts.resize(kept);
+    return drawn;
+  }
+
   PatternProgram program_;
   LayoutSpec spec_;
   int64_t num_k_tiles_ = 0;
   std::vector<Intervals> static_cols_;
+  std::vector<DrawnTiles> drawn_;
   std::vector<Intervals> stack_;
-  Intervals scratch_;
+  Intervals scratch_, scratch_fixed_;
 };
 
 void validate(const std::vector<PatternNode>& nodes, const LayoutSpec& spec) {
@@ -310,6 +473,43 @@ void validate(const std::vector<PatternNode>& nodes, const LayoutSpec& spec) {
       case Op::Mask:
         if (node.a < 0 || node.b < 0 || node.data_len != node.a * node.b) {
           throw std::invalid_argument("pattern program: malformed mask");
+        }
+        break;
+      case Op::Random:
+        if (node.a < 0 || node.a > kMaxRandomDraws || node.b < 0 || node.c < 0 || node.data_len) {
+          throw std::invalid_argument("pattern program: malformed random pattern (at most " +
+                                      std::to_string(kMaxRandomDraws) + " keys per row)");
+        }
+        break;
+      case Op::RandomBlocks: {
+        const auto* exclude = static_cast<const int64_t*>(node.data);
+        if (node.a < 0 || node.a > kMaxRandomDraws || node.b < 1 || node.c < 0 || node.d < 0 ||
+            (node.data_len != 0 && node.data_len != 2) ||
+            (node.data_len == 2 && exclude && (exclude[0] < 0 || exclude[1] < -1))) {
+          throw std::invalid_argument("pattern program: malformed random blocks (at most " +
+                                      std::to_string(kMaxRandomDraws) + " blocks per block row)");
+        }
+        break;
+      }
+      case Op::Fixed:
+        if (node.a < 1 || node.b < 0 || node.b > node.a) {
+          throw std::invalid_argument(
+              "pattern program: Fixed needs block >= 1 and 0 <= summary <= block");
+        }
+        break;
+      case Op::Documents: {
+        const auto* ends = static_cast<const int64_t*>(node.data);
+        for (int64_t d = 0; d < node.data_len && ends; ++d) {
+          if (ends[d] < (d > 0 ? ends[d - 1] : 0)) {
+            throw std::invalid_argument(
+                "pattern program: document ends must be non-decreasing and >= 0");
+          }
+        }
+        break;
+      }
+      case Op::BlockWindow:
+        if (node.a < 1 || node.b < 0 || node.c < 0) {
+          throw std::invalid_argument("pattern program: malformed block window");
         }
         break;
       default:

@@ -5,11 +5,8 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SA_HD __host__ __device__ __forceinline__
-#else
-#define SA_HD inline
-#endif
+#include "hostdevice.h"  // SA_HD
+#include "random.h"
 
 namespace sparse_attn {
 
@@ -22,16 +19,26 @@ enum class Op : int32_t {
   Global = 4,        // a = rows, b = cols, data = sorted int64 tokens (len = data_len)
   Block = 5,         // a = block, b = query blocks, c = key blocks, data = uint8 b x c
   Mask = 6,          // a = rows, b = cols, data = uint8 a x b
-  Random = 7,        // reserved
-  RandomBlocks = 8,  // reserved
-  Fixed = 9,         // reserved
-  Documents = 10,    // reserved
+  Random = 7,        // a = keys per row, b = seed, c = total key length
+  RandomBlocks = 8,  // a = key blocks per block row, b = block, c = seed, d = total key blocks,
+                     // data = none or int64 {exclude_first, exclude_radius} (see random_key_blocks)
+  Fixed = 9,         // a = block, b = summary: same block, or j % a >= a - b
+  Documents = 10,    // data = int64 cumulative document ends (non-decreasing)
+  BlockWindow = 11,  // a = block, b = left, c = right (in blocks): -b <= j/a - i/a <= c
   Union = 20,
   Intersect = 21,
 };
 
 constexpr int kMaxProgramDepth = 32;
 constexpr int kRowBitsWidth = 64;  // one uint64_t covers a key tile of up to 64 columns
+// Random draws per row (per block row): a row's draws live in a local array of this size, and
+// Floyd's algorithm compares each draw with the earlier ones (cost per row ~ draws^2 / 2).
+constexpr int kMaxRandomDraws = 64;
+
+// Primitives whose data is int64 (the others carry uint8 bits).
+SA_HD bool node_data_is_int64(Op op) {
+  return op == Op::Global || op == Op::Documents || op == Op::RandomBlocks;
+}
 
 struct PatternNode {
   Op op;
@@ -74,6 +81,96 @@ SA_HD int64_t lower_bound_i64(const int64_t* tokens, int64_t n, int64_t value) {
     if (tokens[mid] < value) lo = mid + 1; else hi = mid;
   }
   return lo;
+}
+
+// Columns c in [0, 64) with (j0 + c) mod period in [lo, hi), for 0 <= lo < hi <= period.
+SA_HD uint64_t periodic_bits(int64_t j0, int64_t period, int64_t lo, int64_t hi) {
+  const int64_t start = -pos_mod(j0, period);  // column of the period start at or before 0
+  uint64_t bits =
+      bit_range(start + lo, start + hi) | bit_range(start + period + lo, start + period + hi);
+  // bits is exact on columns [0, exact); shifting by a multiple of the period <= exact extends it
+  for (int64_t exact = start + 2 * period, shift = period; exact < kRowBitsWidth; shift *= 2) {
+    bits |= bits << shift;
+    exact += shift;
+  }
+  return bits;
+}
+
+// The document holding position i: [start, end) of the first document whose end is > i.
+// False when i lies before 0 or past the last document.
+SA_HD bool document_span(const int64_t* ends, int64_t n, int64_t i, int64_t& start, int64_t& end) {
+  if (i < 0) return false;
+  const int64_t d = lower_bound_i64(ends, n, i + 1);
+  if (d >= n) return false;
+  start = d > 0 ? ends[d - 1] : 0;
+  end = ends[d];
+  return true;
+}
+
+// ---- random patterns: drawn on the fly from the counter-based generator of random.h ----------
+
+// floor(a * b / 2^64).
+SA_HD uint64_t mul_high_u64(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b);
+#else
+  __extension__ using uint128 = unsigned __int128;  // GCC and Clang; __extension__: -Wpedantic
+  return static_cast<uint64_t>((static_cast<uint128>(a) * b) >> 64);
+#endif
+}
+
+// Floyd's algorithm: k distinct values of [0, n) (k <= n, k <= kMaxRandomDraws) into out[0, k).
+// Draw s (s = 0 .. k-1) takes t = floor(bits * (m + 1) / 2^64) in [0, m], m = n - k + s, from
+// bits = random_bits(seed, stream, counter, s), and keeps t unless an earlier draw kept it, in
+// which case it keeps m (never kept before: every earlier value is < m).
+SA_HD void random_subset(uint64_t seed, RandomStream stream, uint64_t counter, int64_t n,
+                         int64_t k, int64_t* out) {
+  for (int64_t s = 0; s < k; ++s) {
+    const int64_t m = n - k + s;
+    const int64_t t = static_cast<int64_t>(
+        mul_high_u64(random_bits(seed, stream, counter, static_cast<uint64_t>(s)),
+                     static_cast<uint64_t>(m) + 1));
+    bool kept = false;
+    for (int64_t r = 0; r < s && !kept; ++r) kept = out[r] == t;
+    out[s] = kept ? m : t;
+  }
+}
+
+// The keys of query row i >= 0 under Random: min(per_row, n) distinct keys of [0, n), n the total
+// key length. Returns their number.
+SA_HD int64_t random_row_keys(const PatternNode& node, int64_t i, int64_t* out) {
+  const int64_t per_row = node.a, n = node.c;
+  const int64_t k = per_row < n ? per_row : n;
+  random_subset(static_cast<uint64_t>(node.b), RandomStream::RandomPattern,
+                static_cast<uint64_t>(i), n, k, out);
+  return k;
+}
+
+// The key blocks of query block qb >= 0 under RandomBlocks: min(per_block_row, available)
+// distinct blocks among the available ones of [0, total). Excluded (when data is given): the
+// first exclude_first blocks, and, when exclude_radius >= 0, blocks kb with |kb - qb| <= radius.
+// Floyd's algorithm draws ranks among the available blocks in ascending order. Returns the count.
+SA_HD int64_t random_key_blocks(const PatternNode& node, int64_t qb, int64_t* out) {
+  const int64_t per_row = node.a, total = node.d;
+  int64_t first = 0, lo = 0, hi = -1;  // excluded: [0, first) and [lo, hi]
+  if (node.data_len == 2) {
+    const auto* exclude = static_cast<const int64_t*>(node.data);
+    first = exclude[0] < total ? exclude[0] : total;
+    if (exclude[1] >= 0) {
+      lo = qb - exclude[1] > first ? qb - exclude[1] : first;
+      hi = qb + exclude[1] < total - 1 ? qb + exclude[1] : total - 1;
+    }
+  }
+  const int64_t gap = hi >= lo ? hi - lo + 1 : 0;
+  const int64_t available = total - first - gap;
+  const int64_t k = per_row < available ? per_row : available;
+  random_subset(static_cast<uint64_t>(node.c), RandomStream::RandomBlocks,
+                static_cast<uint64_t>(qb), available, k, out);
+  for (int64_t r = 0; r < k; ++r) {
+    const int64_t kb = first + out[r];
+    out[r] = gap > 0 && kb >= lo ? kb + gap : kb;
+  }
+  return k;
 }
 
 // Allowed keys j in [j0, j0 + width) of query row i under one primitive, bit (j - j0) set.
@@ -137,6 +234,47 @@ SA_HD uint64_t primitive_row_bits(const PatternNode& node, int64_t i, int64_t j0
         if (j >= 0 && j < cols && row[j]) bits |= uint64_t{1} << c;
       }
       return bits;
+    }
+    case Op::Random: {
+      if (i < 0) return 0;
+      if (node.a >= node.c) return bit_range(-j0, node.c - j0) & all;  // every key is drawn
+      int64_t keys[kMaxRandomDraws];
+      const int64_t count = random_row_keys(node, i, keys);
+      uint64_t bits = 0;
+      for (int64_t r = 0; r < count; ++r) {
+        const int64_t c = keys[r] - j0;
+        if (c >= 0 && c < width) bits |= uint64_t{1} << c;
+      }
+      return bits;
+    }
+    case Op::RandomBlocks: {
+      if (i < 0) return 0;
+      const int64_t block = node.b;
+      int64_t blocks[kMaxRandomDraws];
+      const int64_t count = random_key_blocks(node, i / block, blocks);
+      uint64_t bits = 0;
+      for (int64_t r = 0; r < count; ++r) {
+        bits |= bit_range(blocks[r] * block - j0, (blocks[r] + 1) * block - j0);
+      }
+      return bits & all;
+    }
+    case Op::Fixed: {
+      const int64_t block = node.a, summary = node.b;
+      const int64_t start = floor_div(i, block) * block;
+      uint64_t bits = bit_range(start - j0, start + block - j0);
+      if (summary > 0) bits |= periodic_bits(j0, block, block - summary, block);
+      return bits & all;
+    }
+    case Op::Documents: {
+      int64_t start, end;
+      if (!document_span(static_cast<const int64_t*>(node.data), node.data_len, i, start, end)) {
+        return 0;
+      }
+      return bit_range(start - j0, end - j0) & all;
+    }
+    case Op::BlockWindow: {
+      const int64_t block = node.a, qb = floor_div(i, block);
+      return bit_range((qb - node.b) * block - j0, (qb + node.c + 1) * block - j0) & all;
     }
     default:
       return 0;

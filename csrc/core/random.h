@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "predicates.h"  // SA_HD
+#include "hostdevice.h"  // SA_HD
 
 namespace sparse_attn {
 

@@ -222,7 +222,7 @@ void hard_tile(const AttentionParams& p, const TileWalker<T>& walker, const Quer
   const T neg_inf = -std::numeric_limits<T>::infinity();
   std::fill(sc.best.begin(), sc.best.end(), neg_inf);
   std::fill(sc.best_index.begin(), sc.best_index.end(), int64_t{-1});
-  const T inv_temperature = static_cast<T>(1.0 / p.temperature);
+  const T temperature = static_cast<T>(p.temperature);
   for (int64_t e = layout.row_start(t.qt); e < layout.row_start(t.qt + 1); ++e) {
     const int cols = walker.score(t, e, sc);
     if (cols == 0) break;
@@ -238,7 +238,8 @@ void hard_tile(const AttentionParams& p, const TileWalker<T>& walker, const Quer
           // Gumbel(0, 1) = -log(-log(u)), u in (0, 1): the 24-bit uniform shifted by half a step.
           const uint64_t bits = mix64(stream ^ static_cast<uint64_t>(p.k0 + col0 + c));
           const double u = (static_cast<double>(bits >> 40) + 0.5) * (1.0 / 16777216.0);
-          value = value * inv_temperature + static_cast<T>(-std::log(-std::log(u)));
+          // argmax of s / t + g is the argmax of s + t * g (t > 0), which cannot overflow
+          value += temperature * static_cast<T>(-std::log(-std::log(u)));
         }
         if (value > sc.best[r]) {
           sc.best[r] = value;
@@ -340,48 +341,55 @@ void run(const AttentionParams& p, const MicroKernels<T>& mk) {
   const int64_t per_rank = p.batch * p.heads_q;
   const int64_t items = per_rank * num_q_tiles;
   if (items == 0) return;
-  const int threads = std::max(1, p.num_threads);
-  // Allocated before the parallel region: std::bad_alloc must reach the caller, not terminate.
+  // No more threads than work items; a single thread runs without a parallel region.
+  const int threads = static_cast<int>(std::min<int64_t>(std::max(1, p.num_threads), items));
+  // Allocated before any parallel region: std::bad_alloc must reach the caller, not terminate.
   const int dim = static_cast<int>(std::max(p.dim_qk, p.additive_dim));
   std::vector<Scratch<T>> scratches;
   scratches.reserve(threads);
   for (int t = 0; t < threads; ++t) scratches.emplace_back(dim, static_cast<int>(p.dim_v));
   const TileWalker<T> walker(p, mk);
+  // Work item w: the rank-th most expensive query tile of (batch, head) = w % per_rank, so the
+  // costliest work is handed out first and the threads run out of work together.
+  auto work = [&](int64_t w, Scratch<T>& sc) {
+    if (p.cancel != nullptr && p.cancel->load(std::memory_order_relaxed)) return;
+    const int64_t rank = w / per_rank, bh = w % per_rank;
+    QueryTile t;
+    t.b = bh / p.heads_q;
+    t.h = bh % p.heads_q;
+    t.kv_head = t.h / (p.heads_q / p.heads_kv);
+    t.layout = p.layouts[t.h];
+    t.qt = t.layout->q_tiles_by_cost()[rank];
+    t.row0 = t.qt * kTileQ;
+    t.rows = static_cast<int>(t.layout->q_tile_rows(t.qt));
+    t.key_limit = p.key_lengths ? std::min(p.key_lengths[t.b], p.len_k) : p.len_k;
+    switch (p.mode) {
+      case Mode::Softmax:
+        walker.begin(t, sc);
+        softmax_tile(p, walker, mk, t, sc);
+        break;
+      case Mode::Hard:
+        walker.begin(t, sc);
+        hard_tile(p, walker, t, sc);
+        break;
+      case Mode::Weights:
+        walker.begin(t, sc);
+        weights_tile(p, walker, t, sc);
+        break;
+      case Mode::Count:
+        count_tile(p, walker, t, sc);
+        break;
+    }
+  };
+  if (threads == 1) {
+    for (int64_t w = 0; w < items; ++w) work(w, scratches[0]);
+    return;
+  }
 #pragma omp parallel num_threads(threads)
   {
     Scratch<T>& sc = scratches[omp_get_thread_num()];
-    // Most expensive query tiles first, so the threads run out of work together.
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t w = 0; w < items; ++w) {
-      if (p.cancel != nullptr && p.cancel->load(std::memory_order_relaxed)) continue;
-      const int64_t rank = w / per_rank, bh = w % per_rank;
-      QueryTile t;
-      t.b = bh / p.heads_q;
-      t.h = bh % p.heads_q;
-      t.kv_head = t.h / (p.heads_q / p.heads_kv);
-      t.layout = p.layouts[t.h];
-      t.qt = t.layout->q_tiles_by_cost()[rank];
-      t.row0 = t.qt * kTileQ;
-      t.rows = static_cast<int>(t.layout->q_tile_rows(t.qt));
-      t.key_limit = p.key_lengths ? std::min(p.key_lengths[t.b], p.len_k) : p.len_k;
-      switch (p.mode) {
-        case Mode::Softmax:
-          walker.begin(t, sc);
-          softmax_tile(p, walker, mk, t, sc);
-          break;
-        case Mode::Hard:
-          walker.begin(t, sc);
-          hard_tile(p, walker, t, sc);
-          break;
-        case Mode::Weights:
-          walker.begin(t, sc);
-          weights_tile(p, walker, t, sc);
-          break;
-        case Mode::Count:
-          count_tile(p, walker, t, sc);
-          break;
-      }
-    }
+    for (int64_t w = 0; w < items; ++w) work(w, sc);
   }
 }
 

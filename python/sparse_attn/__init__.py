@@ -9,14 +9,19 @@ from .patterns import (
     BlockSparse,
     Causal,
     Dense,
+    Documents,
+    Fixed,
     Global,
     Intersection,
     Mask,
     Pattern,
+    Random,
+    RandomBlocks,
     SlidingWindow,
     Strided,
     Union,
 )
+from .presets import BigBird, Longformer, SparseTransformer
 from .plot import plot_pattern
 from ._info import build_info, cuda_available
 
@@ -44,4 +49,11 @@ __all__ = [
     "Mask",
     "Union",
     "Intersection",
+    "Random",
+    "RandomBlocks",
+    "Fixed",
+    "Documents",
+    "Longformer",
+    "BigBird",
+    "SparseTransformer",
 ]

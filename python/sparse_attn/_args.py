@@ -96,8 +96,9 @@ def problem_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray | None) -> Problem
             f"attention): Hq={heads_q}, Hkv={heads_kv} (q {q.shape}, k {k.shape})"
         )
     leads = [a.shape[:-3] for a in (q3, k3, v3) if a is not None]
-    try:
-        batch_shape = tuple(np.broadcast_shapes(*leads))
+    try:  # equal leading shapes (the common case) need no broadcasting
+        same = all(lead == leads[0] for lead in leads)
+        batch_shape = leads[0] if same else tuple(np.broadcast_shapes(*leads))
     except ValueError:
         shapes = ", ".join(str(a.shape) for a in (q, k, v) if a is not None)
         raise ValueError(f"the leading (batch) dimensions of q, k, v do not broadcast: {shapes}")
@@ -110,25 +111,34 @@ def _with_head_axis(a: np.ndarray) -> np.ndarray:
     return a[None] if a.ndim == 2 else a
 
 
+_NO_BATCH_OFFSETS = np.zeros(1, dtype=np.int64)
+_NO_BATCH_OFFSETS.flags.writeable = False
+
+
 def operand(a: np.ndarray, batch_shape: tuple, tail: tuple, *, unit_col: bool) -> tuple:
     """The kernel's view of ``a`` broadcast to ``batch_shape + tail`` (tail = (H, rows, cols)):
     ``(array, batch_offsets, stride_head, stride_row, stride_col)`` in elements. Broadcast
     and grouped axes get stride 0; only a non-unit innermost stride forces a copy."""
-    if unit_col and a.shape[-1] > 1 and a.strides[-1] != a.itemsize:
+    itemsize = a.itemsize
+    if unit_col and a.shape[-1] > 1 and a.strides[-1] != itemsize:
         a = np.ascontiguousarray(a)
-    if any(s % a.itemsize for s in a.strides):
+    if any(s % itemsize for s in a.strides):
         a = np.ascontiguousarray(a)
-    view = np.broadcast_to(a, batch_shape + tail)
-    strides = [s // view.itemsize for s in view.strides]
+    target = batch_shape + tail
+    view = a if a.shape == target else np.broadcast_to(a, target)
+    strides = [s // itemsize for s in view.strides]
     if unit_col and (tail[-1] <= 1 or view.size == 0):
         strides[-1] = 1  # a single column, or an empty array, is never stepped over
-    offsets = np.zeros(batch_shape, dtype=np.int64)
-    for axis, (n, s) in enumerate(zip(batch_shape, strides[: len(batch_shape)])):
-        shape = [1] * len(batch_shape)
-        shape[axis] = n
-        offsets = offsets + (np.arange(n, dtype=np.int64) * s).reshape(shape)
-    offsets = np.ascontiguousarray(offsets.reshape(-1))
     nb = len(batch_shape)
+    if nb == 0:
+        offsets = _NO_BATCH_OFFSETS
+    else:
+        offsets = np.zeros(batch_shape, dtype=np.int64)
+        for axis, (n, s) in enumerate(zip(batch_shape, strides[:nb])):
+            shape = [1] * nb
+            shape[axis] = n
+            offsets = offsets + (np.arange(n, dtype=np.int64) * s).reshape(shape)
+        offsets = np.ascontiguousarray(offsets.reshape(-1))
     return (view, offsets, strides[nb], strides[nb + 1], strides[nb + 2])
 
 

@@ -11,11 +11,15 @@ STRIDED = 3  # a = stride, b = reach (-1: unlimited): (i - j) % a == 0 and |i - 
 GLOBAL = 4  # a = rows (0/1), b = cols (0/1), data = sorted unique int64 tokens
 BLOCK = 5  # a = block, b = query blocks, c = key blocks, data = uint8 (b * c) row-major
 MASK = 6  # a = rows, b = cols, data = uint8 (a * b) row-major; outside it: not allowed
-RANDOM = 7  # a = keys per row, b = seed (low 63 bits), c = total key length (reserved, #4)
-RANDOM_BLOCKS = 8  # reserved (#4)
-FIXED = 9  # reserved (#4)
-DOCUMENTS = 10  # reserved (#4)
+RANDOM = 7  # a = keys per row, b = seed, c = total key length
+# a = key blocks per block row, b = block, c = seed, d = total key blocks,
+# data = None or int64 [exclude_first, exclude_radius (-1: none)]
+RANDOM_BLOCKS = 8
+FIXED = 9  # a = block, b = summary: j // a == i // a or j % a >= a - b
+DOCUMENTS = 10  # data = int64 cumulative document ends (non-decreasing)
+BLOCK_WINDOW = 11  # a = block, b = left, c = right (in blocks): -b <= j // a - i // a <= c
 UNION = 20  # pops two, pushes their union
 INTERSECT = 21  # pops two, pushes their intersection
 
 MAX_PROGRAM_DEPTH = 32  # stack depth limit of the evaluator
+MAX_RANDOM_DRAWS = 64  # keys per row of RANDOM, key blocks per block row of RANDOM_BLOCKS

@@ -7,12 +7,18 @@ import numpy as np
 
 from . import _args, _core
 from .layout import compile_layout
-from .patterns import as_head_patterns
+from .patterns import Pattern, as_head_patterns
 
 __all__ = ["attention", "hard_attention", "attention_weights", "merge_attention"]
 
 _TILE_Q = _core.build_info()["tile_q"]
 _TILE_K = _core.build_info()["tile_k"]
+
+# Plans of plain calls (no mask, bias or score options; q, k, v used in place), keyed by the
+# arrays' shapes, strides and dtypes, the pattern and the thread count: a repeated small call
+# then skips argument normalisation and the layout lookup. Bounded; cleared when full.
+_PLAN_LIMIT = 256
+_plans: dict = {}
 
 
 class _Call:
@@ -67,7 +73,8 @@ class _Call:
                                                     unit_col=True)
             self.operands["k_proj"] = _args.operand(k_proj, b, (p.heads_kv, p.len_k, additive_dim),
                                                     unit_col=True)
-            self.arrays["additive_w"] = np.ascontiguousarray(w)
+            # scale · (w · tanh(...)) = (scale · w) · tanh(...): the kernel takes it folded in
+            self.arrays["additive_w"] = np.ascontiguousarray(w * self.dtype.type(self.scale))
         self.config = dict(p.kernel_shape(), dtype=self.dtype.name, mode=0,
                            score=_args.SCORES[self.score], q0=q0, k0=k0, scale=self.scale,
                            softcap=_args.resolve_softcap(softcap), dropout_p=0.0, sample=False,
@@ -79,6 +86,13 @@ class _Call:
         config = dict(self.config, mode=_args.MODES[mode])
         _core.forward(config, self.operands, {**self.arrays, **results}, self.layouts,
                       self.threads)
+
+    def plan(self) -> tuple:
+        """What a repeated plain call reuses: everything but the arrays themselves."""
+        p = self.problem
+        operands = {n: (None,) + tuple(op[1:]) for n, op in self.operands.items() if op}
+        return (dict(self.config, mode=_args.MODES["softmax"]), operands, dict(self.arrays),
+                self.layouts, self.dtype, p.out_shape(), p.lse_shape(), p.squeeze)
 
     def user_shape(self, shape: tuple) -> tuple:
         """Drop the head axis for callers who passed 2-D (L, D) arrays."""
@@ -118,10 +132,26 @@ def attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, score=
     Returns the output ``(..., Hq, Lq, Dv)``, and ``lse`` ``(..., Hq, Lq)`` (natural log of the
     softmax denominator) when ``return_lse=True``. ``out=`` is written only on success.
     """
+    _check_v_and_seed(v, seed)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    plain = _is_plain(q, k, v, pattern, threads, mask, bias, scale, score, score_params,
+                      alibi_slopes, softcap, dropout_p, key_lengths, query_offset, key_offset,
+                      total_lengths, device)
+    if plain:
+        plan_key = (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides,
+                    v.dtype, pattern, threads)
+        plan = _plans.get(plan_key)
+        if plan is not None:
+            return _run_plan(plan, q, k, v, threads, return_lse, out)
     call = _Call(q, k, v, pattern, mask=mask, bias=bias, scale=scale, score=score,
                  score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap,
                  key_lengths=key_lengths, query_offset=query_offset, key_offset=key_offset,
                  total_lengths=total_lengths, device=device, threads=threads)
+    if plain and all(call.operands[n][0] is a for n, a in (("q", q), ("k", k), ("v", v))):
+        if len(_plans) >= _PLAN_LIMIT:
+            _plans.clear()
+        _plans[plan_key] = call.plan()
     call.config["dropout_p"] = _args.resolve_probability(dropout_p, "dropout_p")
     call.config["seed"] = _args.resolve_seed(seed) if call.config["dropout_p"] > 0 else 0
     p = call.problem
@@ -131,6 +161,52 @@ def attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, score=
     if result.size or (lse is not None and lse.size):
         call.run("softmax", out=result, lse=lse)
     result, lse = call.squeeze(result), call.squeeze(lse)
+    if out is not None:
+        np.copyto(out, result)
+        result = out
+    return (result, lse) if return_lse else result
+
+
+def _check_v_and_seed(v, seed) -> None:
+    """What the kernels never read must still be valid: v=None would give an empty result, and
+    a seed is checked even where dropout_p=0 or sample=False leaves it unused."""
+    if v is None:
+        raise TypeError("v must be an array (..., Hkv, Lk, Dv), got None")
+    if seed is not None:
+        _args.resolve_seed(seed)
+
+
+def _is_plain(q, k, v, pattern, threads, mask, bias, scale, score, score_params, alibi_slopes,
+              softcap, dropout_p, key_lengths, query_offset, key_offset, total_lengths, device):
+    """True for a call with every option at its default and ndarray inputs: one a plan can
+    serve. Types are checked exactly, so an array-valued argument never reaches ``==``."""
+    defaults = (mask, bias, scale, score_params, alibi_slopes, softcap, key_lengths,
+                total_lengths)
+    return (all(x is None for x in defaults)
+            and type(score) is str and score == "dot" and type(device) is str
+            and device == "cpu" and type(dropout_p) is float and dropout_p == 0.0
+            and type(query_offset) is int and query_offset == 0
+            and type(key_offset) is int and key_offset == 0
+            and (pattern is None or isinstance(pattern, Pattern))
+            and (threads is None or type(threads) is int)
+            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray)
+
+
+def _run_plan(plan, q, k, v, threads, return_lse, out):
+    """A plain call whose arguments were checked before: same shapes, strides, dtypes."""
+    config, operands, arrays, layouts, dtype, out_shape, lse_shape, squeeze = plan
+    user_shape = out_shape[1:] if squeeze else out_shape
+    _args.check_out(out, user_shape, dtype, {"q": q, "k": k, "v": v})
+    result = np.empty(out_shape, dtype=dtype)
+    lse = np.empty(lse_shape, dtype=dtype) if return_lse else None
+    if result.size or (lse is not None and lse.size):
+        ops = {"q": (q,) + operands["q"][1:], "k": (k,) + operands["k"][1:],
+               "v": (v,) + operands["v"][1:], "mask": None, "bias": None, "q_proj": None,
+               "k_proj": None}
+        _core.forward(config, ops, {**arrays, "out": result, "lse": lse}, layouts,
+                      _args.resolve_threads(threads))
+    if squeeze:
+        result, lse = result[0], (lse[0] if lse is not None else None)
     if out is not None:
         np.copyto(out, result)
         result = out
@@ -151,6 +227,7 @@ def hard_attention(q, k, v, pattern=None, *, sample=False, temperature=1.0, seed
     Returns ``(out, idx)``: out ``(..., Hq, Lq, Dv)`` and ``idx`` ``(..., Hq, Lq)`` int64, the
     chosen key per query (``-1`` for a row with no allowed key, whose output is zeros).
     """
+    _check_v_and_seed(v, seed)
     call = _Call(q, k, v, pattern, mask=mask, bias=bias, scale=scale, score=score,
                  score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap,
                  key_lengths=key_lengths, query_offset=query_offset, key_offset=key_offset,
@@ -247,9 +324,10 @@ def merge_attention(outs, lses):
     outs = [_args.as_float_array(o, f"outs[{n}]") for n, o in enumerate(outs)]
     lses = [_args.as_float_array(s, f"lses[{n}]") for n, s in enumerate(lses)]
     dtype = _args.common_dtype({**{f"outs[{n}]": o for n, o in enumerate(outs)},
-                                **{f"lses[{n}]": s for n, s in enumerate(lses)}})
+                                **{f"lses[{n}]": s for n, s in enumerate(lses)}}, "outs and lses")
     for n, (o, s) in enumerate(zip(outs, lses)):
-        if o.shape != outs[0].shape or s.shape != lses[0].shape or o.shape[:-1] != s.shape:
+        if o.ndim == 0 or o.shape != outs[0].shape or s.shape != lses[0].shape \
+                or o.shape[:-1] != s.shape:
             raise ValueError(
                 f"shard {n}: out {o.shape} and lse {s.shape} must match shard 0 "
                 f"(out {outs[0].shape}, lse {lses[0].shape}) with lse = out.shape[:-1]"
@@ -257,11 +335,13 @@ def merge_attention(outs, lses):
     stacked = np.stack(lses)
     top = np.max(stacked, axis=0)
     safe_top = np.where(np.isneginf(top), 0.0, top)  # an all-empty row: every weight is 0
-    weights = np.exp(stacked - safe_top)
-    total = weights.sum(axis=0)
-    lse = np.where(total > 0, safe_top + np.log(np.where(total > 0, total, 1.0)), -np.inf)
-    out = np.zeros(outs[0].shape, dtype=dtype)
-    norm = np.where(total > 0, total, 1.0)
-    for o, w in zip(outs, weights):
-        out += o * (w / norm)[..., None]
+    with np.errstate(invalid="ignore"):  # a NaN or +inf lse makes its row NaN, quietly
+        weights = np.exp(stacked - safe_top)
+        total = weights.sum(axis=0)
+        empty = total == 0
+        lse = np.where(empty, -np.inf, safe_top + np.log(np.where(empty, 1.0, total)))
+        out = np.zeros(outs[0].shape, dtype=dtype)
+        norm = np.where(empty, 1.0, total)
+        for o, w in zip(outs, weights):
+            out += o * (w / norm)[..., None]
     return out, lse.astype(dtype, copy=False)

@@ -16,16 +16,20 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from . import _ops
+from . import _ops, _random
 
 __all__ = [
     "BlockSparse",
     "Causal",
     "Dense",
+    "Documents",
+    "Fixed",
     "Global",
     "Intersection",
     "Mask",
     "Pattern",
+    "Random",
+    "RandomBlocks",
     "SlidingWindow",
     "Strided",
     "Union",
@@ -58,6 +62,20 @@ def _check_int(value, name: str, *, minimum: int | None = None) -> int:
     if abs(value) > _INT_LIMIT:
         raise ValueError(f"{name} must lie within +-2**62, got {value}")
     return value
+
+
+def _int_sequence(values, name: str, *, minimum: int = 0) -> np.ndarray:
+    """``values`` as a 1-D int64 array of ints in ``[minimum, 2**62]`` (bools never)."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of ints, got shape {array.shape}")
+    if not array.size:
+        return np.zeros(0, dtype=np.int64)
+    if array.dtype == np.bool_ or array.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be ints, got {array.dtype}")
+    for bound in (array.min(), array.max()):  # reports the offending extreme
+        _check_int(bound, name, minimum=minimum)
+    return array.astype(np.int64)
 
 
 def _check_bool(value, name: str) -> bool:
@@ -403,12 +421,7 @@ class Global(Pattern):
     __slots__ = _params = ("tokens", "rows", "cols")
 
     def __init__(self, tokens, rows=True, cols=True):
-        array = np.asarray(tokens)
-        if array.ndim != 1:
-            raise ValueError(f"tokens must be a 1-D sequence of ints, got shape {array.shape}")
-        if array.size and (array.dtype == np.bool_ or array.dtype.kind not in "iu"):
-            raise TypeError(f"tokens must be ints, got {array.dtype}")
-        unique = [_check_int(token, "tokens", minimum=0) for token in np.unique(array)]
+        unique = np.unique(_int_sequence(tokens, "tokens")).tolist()
         rows, cols = _check_bool(rows, "rows"), _check_bool(cols, "cols")
         if not (rows or cols):
             raise ValueError("Global needs rows=True or cols=True (or both)")
@@ -523,6 +536,193 @@ class Mask(Pattern):
     def _mask(self, Lq, Lk):
         self._check_shape(Lq, Lk)
         return self.array
+
+
+def _check_draws(value, name: str) -> int:
+    draws = _check_int(value, name, minimum=0)
+    if draws > _ops.MAX_RANDOM_DRAWS:
+        raise ValueError(
+            f"{name} must be at most {_ops.MAX_RANDOM_DRAWS} (each row's draws are kept in a "
+            f"local array by the kernels), got {draws}"
+        )
+    return draws
+
+
+class Random(Pattern):
+    """``per_row`` random keys per query row, drawn from ``seed``; the same on every device.
+
+    Query row ``i`` attends to ``k = min(per_row, Lk)`` distinct keys of ``[0, Lk)`` (the whole
+    key sequence; the rule never depends on ``Lq``), chosen by Floyd's algorithm from the
+    counter-based generator of ``csrc/core/random.h``. Draw ``s = 0, 1, ..., k - 1`` of row ``i``
+    takes ``m = Lk - k + s`` and ``t = floor(random_bits(seed, RandomPattern, i, s) * (m + 1) /
+    2**64)``, a value in ``[0, m]``; the row keeps ``t`` unless an earlier draw of the row kept
+    it, in which case it keeps ``m``. Every k-subset of keys is equally likely (up to the 2**-64
+    granularity of ``t``), and rows are independent. Nothing is stored: the CPU and CUDA kernels,
+    the layout compiler and ``to_mask`` (through ``sparse_attn._random``) recompute a row's keys
+    from ``(seed, i)`` alone, with ``O(k**2)`` comparisons. ``per_row`` is at most 64;
+    ``seed`` is an int in ``[0, 2**62]``. Combine with ``Causal()`` (``&``) for causal models;
+    the keys are drawn from all of ``[0, Lk)`` before the intersection.
+    """
+
+    __slots__ = _params = ("per_row", "seed")
+
+    def __init__(self, per_row, seed=0):
+        self._set_fields(
+            per_row=_check_draws(per_row, "per_row"), seed=_check_int(seed, "seed", minimum=0)
+        )
+
+    def _nodes(self, Lq, Lk):
+        return [(_ops.RANDOM, self.per_row, self.seed, Lk, 0, None)]
+
+    def _mask(self, Lq, Lk):
+        keys = _random.random_row_keys(self.per_row, self.seed, Lk, np.arange(Lq))
+        mask = np.zeros((Lq, Lk), dtype=np.bool_)
+        mask[np.arange(Lq)[:, None], keys] = True
+        return mask
+
+
+class RandomBlocks(Pattern):
+    """``per_block_row`` random key blocks per query block, drawn from ``seed`` (BigBird's random
+    attention at block level); the same on every device.
+
+    Query block ``qb = i // block`` attends to ``min(per_block_row, available)`` distinct key
+    blocks ``kb`` (keys ``[kb * block, (kb + 1) * block)``) of the ``ceil(Lk / block)`` key blocks,
+    excluding the first ``exclude_first`` blocks and, when ``exclude_radius`` is given, the blocks
+    with ``|kb - qb| <= exclude_radius`` (BigBird excludes its global and window blocks so that
+    random blocks never repeat them). The draw is the rule of ``Random`` applied to the ranks of
+    the available blocks in ascending order, with counters ``(qb, s)`` of the stream
+    ``RandomBlocks``: ``n = available``, ``k = min(per_block_row, n)``, draw ``s`` takes
+    ``t = floor(random_bits(seed, RandomBlocks, qb, s) * (m + 1) / 2**64)``, ``m = n - k + s``,
+    keeps ``t`` unless already kept, else ``m``. ``per_block_row`` is at most 64.
+    """
+
+    __slots__ = _params = ("per_block_row", "block", "seed", "exclude_first", "exclude_radius")
+
+    def __init__(self, per_block_row, block, seed=0, exclude_first=0, exclude_radius=None):
+        if exclude_radius is not None:
+            exclude_radius = _check_int(exclude_radius, "exclude_radius", minimum=0)
+        self._set_fields(
+            per_block_row=_check_draws(per_block_row, "per_block_row"),
+            block=_check_int(block, "block", minimum=1),
+            seed=_check_int(seed, "seed", minimum=0),
+            exclude_first=_check_int(exclude_first, "exclude_first", minimum=0),
+            exclude_radius=exclude_radius,
+        )
+
+    def __repr__(self):
+        shown = ["per_block_row", "block", "seed"]
+        shown += ["exclude_first"] if self.exclude_first else []
+        shown += ["exclude_radius"] if self.exclude_radius is not None else []
+        params = ", ".join(f"{name}={getattr(self, name)!r}" for name in shown)
+        return f"RandomBlocks({params})"
+
+    def _exclusion(self) -> tuple[int, int]:
+        return self.exclude_first, -1 if self.exclude_radius is None else self.exclude_radius
+
+    def _nodes(self, Lq, Lk):
+        exclusion = self._exclusion()
+        data = None if exclusion == (0, -1) else np.array(exclusion, dtype=np.int64)
+        key_blocks = -(-Lk // self.block)
+        return [(_ops.RANDOM_BLOCKS, self.per_block_row, self.block, self.seed, key_blocks, data)]
+
+    def _mask(self, Lq, Lk):
+        query_blocks, key_blocks = -(-Lq // self.block), -(-Lk // self.block)
+        drawn = _random.random_key_blocks(
+            self.per_block_row, self.seed, key_blocks, np.arange(query_blocks), *self._exclusion()
+        )
+        layout = np.zeros((query_blocks, key_blocks + 1), dtype=np.bool_)  # last column: padding
+        layout[np.arange(query_blocks)[:, None], drawn] = True
+        i, j = _positions(Lq, Lk)
+        return layout[i // self.block, j // self.block]
+
+
+class Fixed(Pattern):
+    """The "fixed" pattern of the Sparse Transformer (Child et al. 2019, section 4.3).
+
+    ``j // block == i // block`` (the same block: Child et al.'s A(1)), or
+    ``j % block >= block - summary`` (one of the last ``summary`` positions of a block, which
+    summarise it: A(2) with ``l = block``, ``c = summary``). Not causal by itself: intersect with
+    ``Causal()``, as ``SparseTransformer("fixed", ...)`` does. ``0 <= summary <= block``.
+    """
+
+    __slots__ = _params = ("block", "summary")
+
+    def __init__(self, block, summary):
+        block = _check_int(block, "block", minimum=1)
+        summary = _check_int(summary, "summary", minimum=0)
+        if summary > block:
+            raise ValueError(f"summary must be at most block ({block}), got {summary}")
+        self._set_fields(block=block, summary=summary)
+
+    def _nodes(self, Lq, Lk):
+        return [(_ops.FIXED, self.block, self.summary, 0, 0, None)]
+
+    def _mask(self, Lq, Lk):
+        i, j = _positions(Lq, Lk)
+        return (i // self.block == j // self.block) | (j % self.block >= self.block - self.summary)
+
+
+class Documents(Pattern):
+    """Packed sequences: ``i`` and ``j`` lie in the same document.
+
+    Document ``d`` holds positions ``[sum(lengths[:d]), sum(lengths[:d + 1]))``, for queries and
+    keys alike; positions past the last document belong to none and are never allowed (their
+    query rows are empty). Zero lengths are allowed and hold nothing. Combine with ``Causal()``
+    or ``SlidingWindow(...)`` by ``&``. Its layout lists, per query tile, the key tiles of the
+    documents it meets: compiling costs time in proportion to the listed tiles.
+    """
+
+    __slots__ = _params = ("lengths",)
+
+    _MAX_SHOWN = 8  # repr lists at most this many lengths
+
+    def __init__(self, lengths):
+        lengths = _int_sequence(lengths, "lengths")
+        if int(lengths.sum(dtype=np.float64)) > _INT_LIMIT:
+            raise ValueError("lengths must sum to at most 2**62")
+        self._set_fields(lengths=tuple(lengths.tolist()))
+
+    def __repr__(self):
+        if len(self.lengths) <= self._MAX_SHOWN:
+            return f"Documents(lengths={list(self.lengths)})"
+        return f"Documents(lengths=<{len(self.lengths)} documents, {sum(self.lengths)} positions>)"
+
+    def _ends(self) -> np.ndarray:
+        return np.cumsum(np.array(self.lengths, dtype=np.int64), dtype=np.int64)
+
+    def _nodes(self, Lq, Lk):
+        return [(_ops.DOCUMENTS, 0, 0, 0, 0, self._ends())]
+
+    def _mask(self, Lq, Lk):
+        ends = self._ends()
+        i, j = _positions(Lq, Lk)
+        doc_i = np.searchsorted(ends, i, side="right")  # the first document ending after i
+        doc_j = np.searchsorted(ends, j, side="right")
+        return (doc_i == doc_j) & (doc_i < len(ends))
+
+
+class _BlockWindow(Pattern):
+    """Blocks around the query's block: ``-left <= j // block - i // block <= right``.
+
+    BigBird's sliding window at block level; kept private, BigBird is its public face.
+    """
+
+    __slots__ = _params = ("block", "left", "right")
+
+    def __init__(self, block, left, right):
+        self._set_fields(
+            block=_check_int(block, "block", minimum=1),
+            left=_check_int(left, "left", minimum=0),
+            right=_check_int(right, "right", minimum=0),
+        )
+
+    def _nodes(self, Lq, Lk):
+        return [(_ops.BLOCK_WINDOW, self.block, self.left, self.right, 0, None)]
+
+    def _mask(self, Lq, Lk):
+        i, j = _positions(Lq, Lk)
+        offset = j // self.block - i // self.block
+        return (-self.left <= offset) & (offset <= self.right)
 
 
 class _Combination(Pattern):
