@@ -191,6 +191,28 @@ def test_odd_sizes_around_tiles_and_vector_widths(D, Dv, Lq, Lk, dtype):
         check_backward(q, k, v, pattern, {}, rng=rng, info=f"D={D} Dv={Dv} {pattern!r}")
 
 
+MORE_PATTERNS = [
+    sa.Random(5, seed=3),
+    sa.RandomBlocks(2, 16, seed=1),
+    sa.Fixed(32, 4),
+    sa.Documents([40, 1, 90, 69]),
+    sa.Longformer(16, [0, 99]),
+    sa.BigBird(32, seed=2),
+    sa.SparseTransformer("strided", 16),
+    sa.SparseTransformer("fixed", 32, 4) & sa.Random(40, seed=9),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("pattern", MORE_PATTERNS, ids=repr)
+def test_random_patterns_and_presets(pattern, dtype):
+    rng = np.random.default_rng(13)
+    q = random_floats(rng, (2, 4, 200, 24), dtype)
+    k = random_floats(rng, (2, 2, 200, 24), dtype)
+    v = random_floats(rng, (1, 2, 200, 16), dtype)
+    check_backward(q, k, v, pattern, {"dropout_p": 0.1, "seed": 4}, rng=rng, info=repr(pattern))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("seed", range(6))
 def test_offsets_and_variants(seed, dtype):
