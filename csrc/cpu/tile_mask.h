@@ -1,6 +1,6 @@
 // Which pairs of one (query tile, key tile) may attend: the compiled layout's bits for partial
 // tiles, the key-length cut and the user's mask, as one 64-bit word per query row.
-// Shared by the CPU passes; holds no arithmetic on scores.
+// Shared by the CPU forward and backward passes; holds no arithmetic on scores.
 #pragma once
 
 #include <cstdint>
