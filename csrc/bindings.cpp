@@ -216,7 +216,8 @@ void forward(const py::dict& config, const py::dict& operands, const py::dict& a
 
 // The gradient of the forward call described by the same three dicts (with the forward's lse
 // in arrays["lse"]); `grads` holds the operands "out" and "grad_out" and the C-contiguous
-// result arrays "dq", "dk", "dv" and "dbias" (None: not wanted).
+// result arrays "dq", "dk", "dv", "dbias" and, for the additive score, "d_q_proj", "d_k_proj"
+// and "d_additive_w" (absent or None: not wanted).
 void backward(const py::dict& config, const py::dict& operands, const py::dict& arrays,
               const std::vector<LayoutPtr>& layouts, int num_threads, const py::dict& grads) {
   std::vector<py::object> keep;
@@ -232,6 +233,9 @@ void backward(const py::dict& config, const py::dict& operands, const py::dict& 
   bp.dk = buffer<void*>(grads, "dk", dtype, rows_k * p.dim_qk, keep);
   bp.dv = buffer<void*>(grads, "dv", dtype, rows_k * p.dim_v, keep);
   bp.dbias = buffer<void*>(grads, "dbias", dtype, rows_q * p.len_k, keep);
+  bp.d_q_proj = buffer<void*>(grads, "d_q_proj", dtype, rows_q * p.additive_dim, keep);
+  bp.d_k_proj = buffer<void*>(grads, "d_k_proj", dtype, rows_k * p.additive_dim, keep);
+  bp.d_additive_w = buffer<void*>(grads, "d_additive_w", dtype, p.additive_dim, keep);
   run_interruptible([&](const std::atomic<bool>* cancel) {
     p.cancel = cancel;
     sparse_attn::cpu::backward(bp);

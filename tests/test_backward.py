@@ -71,6 +71,14 @@ def grad_floors(q, k, v, grad_out, options: dict) -> dict:
     taken against max(|expected|, floor), floor a hundredth of the gradient's natural scale."""
     scale = options.get("scale")
     D = np.shape(q)[-1]
+    keep = 1.0 / (1.0 - options.get("dropout_p", 0.0))
+    dp = 1e-2 * np.linalg.norm(grad_out) * rms(v) * math.sqrt(max(np.shape(v)[-1], 1)) * keep
+    if options.get("score") == "additive":
+        params = options["score_params"]
+        ds = dp * abs(1.0 if scale is None else float(scale)) * np.linalg.norm(params["w"])
+        return {"dq": ds * np.linalg.norm(params["wq"]), "dk": ds * np.linalg.norm(params["wk"]),
+                "dv": 0.0, "dbias": dp, "wq": ds * np.linalg.norm(q), "wk": ds * np.linalg.norm(k),
+                "w": ds * math.sqrt(np.size(q) + np.size(k))}
     if options.get("score") == "cosine":
         scale = 1.0 if scale is None else scale
         unit = 1.0 / max(min(np.linalg.norm(q, axis=-1).min(), np.linalg.norm(k, axis=-1).min()),
@@ -79,8 +87,6 @@ def grad_floors(q, k, v, grad_out, options: dict) -> dict:
     else:
         scale = 1.0 / math.sqrt(D) if scale is None else scale
         q_size, k_size = rms(q) * math.sqrt(D), rms(k) * math.sqrt(D)
-    keep = 1.0 / (1.0 - options.get("dropout_p", 0.0))
-    dp = 1e-2 * np.linalg.norm(grad_out) * rms(v) * math.sqrt(max(np.shape(v)[-1], 1)) * keep
     return {"dq": dp * abs(float(scale)) * k_size, "dk": dp * abs(float(scale)) * q_size,
             "dv": 0.0, "dbias": dp}
 
@@ -106,15 +112,24 @@ def check_backward(q, k, v, pattern, options: dict, *, threads=None, grad_layout
     for name in ("mask", "bias"):
         if isinstance(options.get(name), np.ndarray):
             inputs[name] = options[name]
+    additive = options.get("score") == "additive"
     before = snapshot(inputs)
     got = sa.attention_backward(q, k, v, out, lse, grad_out, pattern, **options,
-                                return_dbias=with_bias, threads=threads)
+                                return_dbias=with_bias, return_dscore_params=additive,
+                                threads=threads)
     assert_unchanged(before, inputs, "\n  " + info)
     expected = reference.attention_backward(q, k, v, out, lse, grad_out, pattern, **options,
-                                            return_dbias=with_bias)
-    names = ("dq", "dk", "dv", "dbias")[: len(expected)]
+                                            return_dbias=with_bias,
+                                            return_dscore_params=additive)
+    names = ("dq", "dk", "dv") + (("dbias",) if with_bias else ())
     shapes = {"dq": np.shape(q), "dk": np.shape(k), "dv": np.shape(v),
               "dbias": np.shape(options.get("bias"))}
+    if additive:  # the gradients of score_params, by name
+        assert isinstance(got[-1], dict) and set(got[-1]) == {"wq", "wk", "w"}, info
+        names += ("wq", "wk", "w")
+        shapes.update({n: np.shape(options["score_params"][n]) for n in ("wq", "wk", "w")})
+        got = got[:-1] + tuple(got[-1][n] for n in ("wq", "wk", "w"))
+        expected = expected[:-1] + tuple(expected[-1][n] for n in ("wq", "wk", "w"))
     floors = grad_floors(q, k, v, grad_out, options)
     errors = {}
     for name, g, e in zip(names, got, expected):
@@ -133,8 +148,15 @@ def check_backward(q, k, v, pattern, options: dict, *, threads=None, grad_layout
 def random_variants(rng, shapes: Shapes, *, offsets: bool = False) -> dict:
     """Scoring variants of the forward, each switched on at random."""
     variants = {}
-    if rng.random() < 0.15:
+    roll = rng.random()
+    if roll < 0.15:
         variants["score"] = "cosine"
+    elif roll < 0.27:
+        A = int(pick(rng, (1, 3, 8, 17)))
+        variants["score"] = "additive"
+        variants["score_params"] = {"wq": rng.standard_normal((shapes.D, A)) / math.sqrt(shapes.D),
+                                    "wk": rng.standard_normal((shapes.D, A)) / math.sqrt(shapes.D),
+                                    "w": rng.standard_normal(A)}
     if rng.random() < 0.2:
         variants["softcap"] = float(pick(rng, (0.5, 2.0, 20.0)))
     if rng.random() < 0.2 and shapes.rank_q != 2:
@@ -157,6 +179,8 @@ def run_random_case(seed, kind, dtype):
     else:
         case = random_case(rng, dtype=dtype, kind=kind, seed=seed, shapes=shapes, out=False)
     options = dict(case.options, **random_variants(rng, shapes))
+    if options.get("score") in ("cosine", "additive") and options.get("scale") is not None:
+        options["scale"] = float(np.clip(options["scale"] * math.sqrt(shapes.D), -3, 3))
     info = case.describe() + f"\n  variants={ {n: options[n] for n in options if n not in case.options} }"
     check_backward(case.q, case.k, case.v, case.pattern, options, threads=case.threads,
                    grad_layout=random_layout_kind(rng), rng=rng, info=info)
@@ -295,6 +319,7 @@ FD_VARIANTS = {
     "alibi": {"alibi_slopes": [0.3, 0.1]},
     "cosine": {"score": "cosine", "scale": 2.0},
     "additive": {"score": "additive"},
+    "additive-softcap": {"score": "additive", "softcap": 2.0, "scale": 0.8},
     "dropout": {"dropout_p": 0.4, "seed": 7},
     "offsets-keylengths": {"query_offset": 2, "key_offset": 1, "key_lengths": [3, 4]},
 }
@@ -329,8 +354,9 @@ def test_reference_gradient_matches_finite_differences(name):
         return float(np.sum(reference.attention(q, k, v, pattern, **forward_options) * g))
 
     out, lse = reference.attention(q, k, v, pattern, **forward_options, return_lse=True)
-    extra = {"return_dbias": "bias" in params and name != "additive",
-             "return_dscore_params": name == "additive"}
+    additive = options.get("score") == "additive"
+    extra = {"return_dbias": "bias" in params and not additive,
+             "return_dscore_params": additive}
     grads = reference.attention_backward(q, k, v, out, lse, g, pattern, **options, **extra)
     targets = [q, k, v]
     if extra["return_dbias"]:
@@ -354,19 +380,28 @@ def test_reference_gradient_matches_finite_differences(name):
      ((2, 4, 200, 16), (2, 2, 200, 16), sa.SlidingWindow(30) | sa.Global([5, 150])),
      ((1, 8, 257, 64), (1, 1, 257, 64), None)],  # GQA: eight query heads summed into one
 )
-def test_bitwise_equal_for_every_thread_count(shape_q, shape_kv, pattern):
+@pytest.mark.parametrize("score", ["dot", "additive"])
+def test_bitwise_equal_for_every_thread_count(shape_q, shape_kv, pattern, score):
     rng = np.random.default_rng(6)
     q = random_floats(rng, shape_q, np.float32)
     k = random_floats(rng, shape_kv, np.float32)
     v = random_floats(rng, shape_kv, np.float32)
     bias = random_floats(rng, shape_q[-2:-1] + shape_kv[-2:-1], np.float32)
     kwargs = dict(bias=bias, dropout_p=0.2, seed=3, softcap=5.0)
-    out, lse = sa.attention(q, k, v, pattern, return_lse=True, **kwargs)
+    if score == "additive":
+        D = shape_q[-1]
+        kwargs.update(score="additive", score_params={"wq": rng.standard_normal((D, 8)) / D**0.5,
+                                                      "wk": rng.standard_normal((D, 8)) / D**0.5,
+                                                      "w": rng.standard_normal(8)},
+                      return_dscore_params=True)
+    forward = {n: x for n, x in kwargs.items() if n != "return_dscore_params"}
+    out, lse = sa.attention(q, k, v, pattern, return_lse=True, **forward)
     g = random_floats(rng, out.shape, np.float32)
     results = [sa.attention_backward(q, k, v, out, lse, g, pattern, return_dbias=True,
                                      threads=t, **kwargs) for t in (1, 2, 3, 4, 2, 1)]
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
+    flat = [r[:4] + (tuple(r[4].values()) if len(r) > 4 else ()) for r in results]
+    for other in flat[1:]:
+        for a, b in zip(flat[0], other):
             assert np.array_equal(a, b)
 
 
@@ -505,11 +540,12 @@ def test_bad_input_names_the_argument(change, error, names):
         sa.attention_backward(**arrays, **options)
 
 
-def test_additive_score_is_not_implemented():
+def test_additive_parameter_gradients_need_the_additive_score():
     q, k, v, out, lse, g = _problem()
-    params = {"wq": np.ones((8, 4)), "wk": np.ones((8, 4)), "w": np.ones(4)}
-    with pytest.raises(NotImplementedError, match="additive"):
-        sa.attention_backward(q, k, v, out, lse, g, score="additive", score_params=params)
+    with pytest.raises(ValueError, match="return_dscore_params"):
+        sa.attention_backward(q, k, v, out, lse, g, return_dscore_params=True)
+    with pytest.raises(TypeError, match="return_dscore_params"):
+        sa.attention_backward(q, k, v, out, lse, g, return_dscore_params="yes")
 
 
 def test_vjp_refuses_out_and_return_lse():

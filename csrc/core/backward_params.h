@@ -19,6 +19,11 @@ struct BackwardParams {
   void* dk = nullptr;     // contiguous (batch, heads_kv, len_k, dim_qk), summed over each group
   void* dv = nullptr;     // contiguous (batch, heads_kv, len_k, dim_v), summed over each group
   void* dbias = nullptr;  // contiguous (batch, heads_q, len_q, len_k), zero-filled; or null
+  // Score Additive: dq and dk are not written; instead the gradients of the projections and of
+  // forward.additive_w (whose scale is folded in), which the caller chains through Wq and Wk.
+  void* d_q_proj = nullptr;  // contiguous (batch, heads_q, len_q, additive_dim)
+  void* d_k_proj = nullptr;  // contiguous (batch, heads_kv, len_k, additive_dim)
+  void* d_additive_w = nullptr;  // additive_dim
 };
 
 }  // namespace sparse_attn

@@ -41,28 +41,29 @@ static_assert(kTileQ == kTileK, "dQ panels of 64 head dims are tiles");
 // 64-wide panels of the head dim in which dQ accumulates ([panel][r][d % 64]).
 int dim_panels(int64_t dim) { return static_cast<int>((dim + kTileK - 1) / kTileK); }
 
-// Per-thread buffers, allocated once per call and thread. Key-lane tiles are t[r][c].
+// Per-thread buffers, allocated once per call and thread. Key-lane tiles are t[r][c]. The
+// "score dim" is the head dim D, or the additive score's projection dim A.
 template <typename T>
 struct Scratch {
-  std::vector<T> k_packed, v_packed;  // scale * k[c][d] as [d][c]; v[c][e] as [e][c]
+  std::vector<T> k_packed, v_packed;  // scale * k[c][d] (or k_proj) as [d][c]; v as [e][c]
   std::vector<T> k_panels;            // k[c][d] as [panel][c][d % 64], zero-padded
   std::vector<T> probs, grad, kept;   // P, dP (then dS) and P after dropout: [r][c]
   std::vector<T> softcap_tanh;        // tanh(s / softcap) of the raw scores: [r][c]
   std::vector<T> dq_part;             // one key tile's dS K for one panel: [r][d % 64]
-  std::vector<T> dk_t, dv_t;          // sum over query rows: [d][c], [e][c]
+  std::vector<T> dk_t, dv_t;          // sum over query rows: [d][c] (score dim), [e][c]
   std::vector<T> key_scale, ones;     // pack_q's row scales for K (scale) and V (1); ones are
                                       // also the accumulators' rescale factor: none
   std::vector<uint64_t> row_bits, keep_bits;
-  Scratch(int dim_qk, int dim_v)
-      : k_packed(static_cast<size_t>(dim_qk) * kTileK),
+  Scratch(int score_dim, int dim_v, int panels)
+      : k_packed(static_cast<size_t>(score_dim) * kTileK),
         v_packed(static_cast<size_t>(dim_v) * kTileK),
-        k_panels(static_cast<size_t>(dim_panels(dim_qk)) * kTile),
+        k_panels(static_cast<size_t>(panels) * kTile),
         probs(kTile),
         grad(kTile),
         kept(kTile),
         softcap_tanh(kTile),
         dq_part(kTile),
-        dk_t(static_cast<size_t>(dim_qk) * kTileK),
+        dk_t(static_cast<size_t>(score_dim) * kTileK),
         dv_t(static_cast<size_t>(dim_v) * kTileK),
         key_scale(kTileK),
         ones(kTileQ, T(1)),
@@ -80,9 +81,19 @@ class BackwardPass {
     num_k_tiles_ = (p_.len_k + kTileK - 1) / kTileK;
     group_ = p_.heads_q / p_.heads_kv;
     dim_ = static_cast<int>(p_.dim_qk);
-    panels_ = dim_panels(p_.dim_qk);
     dim_v_ = static_cast<int>(p_.dim_v);
-    scale_ = static_cast<T>(p_.scale);
+    additive_ = p_.score == ScoreKind::Additive;
+    if (additive_) {  // the scale is folded into additive_w
+      score_dim_ = static_cast<int>(p_.additive_dim);
+      panels_ = 0;
+      q_acc_size_ = kTileQ * score_dim_;
+      scale_ = T(1);
+    } else {
+      score_dim_ = dim_;
+      panels_ = dim_panels(p_.dim_qk);
+      q_acc_size_ = panels_ * kTile;
+      scale_ = static_cast<T>(p_.scale);
+    }
     keep_scale_ = T(1) / (T(1) - static_cast<T>(p_.dropout_p));  // as the forward scales
   }
 
@@ -99,11 +110,12 @@ class BackwardPass {
     // Allocated before the parallel regions: std::bad_alloc must reach the caller.
     for (int64_t h = 0; h < p_.heads_q; ++h) p_.layouts[h]->col_start(0);  // builds by-key lists
     delta_.resize(static_cast<size_t>(p_.batch * p_.heads_q * p_.len_q));
-    dq_acc_.resize(static_cast<size_t>(query_items) * panels_ * kTile);
+    dq_acc_.resize(static_cast<size_t>(query_items) * q_acc_size_);
+    if (additive_) dw_parts_.assign(static_cast<size_t>(key_items) * score_dim_, T(0));
     std::vector<Scratch<T>> scratches;
     scratches.reserve(threads);
     for (int t = 0; t < threads; ++t) {
-      scratches.emplace_back(dim_, dim_v_);
+      scratches.emplace_back(score_dim_, dim_v_, panels_);
       std::fill(scratches.back().key_scale.begin(), scratches.back().key_scale.end(), scale_);
     }
 
@@ -135,6 +147,13 @@ class BackwardPass {
 #pragma omp for schedule(static)
       for (int64_t w = 0; w < query_items; ++w) write_dq(w);
     }
+    if (additive_) {  // dw: the key tiles' partial sums, added in one fixed order
+      T* dw = static_cast<T*>(bp_.d_additive_w);
+      std::fill_n(dw, score_dim_, T(0));
+      for (int64_t item = 0; item < key_items; ++item) {
+        for (int a = 0; a < score_dim_; ++a) dw[a] += dw_parts_[item * score_dim_ + a];
+      }
+    }
   }
 
  private:
@@ -158,8 +177,16 @@ class BackwardPass {
   int64_t row_index(int64_t b, int64_t h, int64_t row) const {
     return (b * p_.heads_q + h) * p_.len_q + row;
   }
+  // The query-side accumulator of (b, h, qt): dQ panels, or d(q_proj) rows [r][a] (additive).
   T* dq_tile(int64_t b, int64_t h, int64_t qt) {
-    return dq_acc_.data() + ((b * p_.heads_q + h) * num_q_tiles_ + qt) * panels_ * kTile;
+    return dq_acc_.data() + ((b * p_.heads_q + h) * num_q_tiles_ + qt) * q_acc_size_;
+  }
+  T* dw_part(int64_t b, int64_t kv_head, int64_t kt) {
+    return dw_parts_.data() + ((b * p_.heads_kv + kv_head) * num_k_tiles_ + kt) * score_dim_;
+  }
+  // The additive score's query projections, read like q.
+  const T* q_proj_rows(int64_t b, int64_t h, int64_t row0) const {
+    return operand_row<T>(p_.q_proj, b, h, row0);
   }
 
   // ---- passes -----------------------------------------------------------------------------------
@@ -177,21 +204,23 @@ class BackwardPass {
       for (int e = 0; e < dim_v_; ++e) sum += static_cast<double>(o[e]) * g[e];
       delta_[row_index(b, h, row)] = static_cast<T>(sum);
     }
-    std::fill_n(dq_tile(b, h, qt), panels_ * kTile, T(0));
+    std::fill_n(dq_tile(b, h, qt), q_acc_size_, T(0));
   }
 
-  // dK and dV of key tile kt of kv head (group % heads_kv) of batch entry group / heads_kv,
-  // from every query tile of the group's query heads that touches it; with_dq also adds each
-  // visited tile's dS K to dQ (the fused schedule, where this item owns its group's dQ rows).
+  // dK (or d k_proj) and dV of key tile kt of kv head (group % heads_kv) of batch entry
+  // group / heads_kv, from every query tile of the group's query heads that touches it;
+  // with_dq also adds each visited tile's share of dQ (the fused schedule, where this item owns
+  // its group's dQ rows). The additive score also adds the tile's share of dw.
   void key_tile(int64_t group_item, int64_t kt, bool with_dq, Scratch<T>& s) {
     const int64_t b = group_item / p_.heads_kv, kv_head = group_item % p_.heads_kv;
     const int64_t col0 = kt * kTileK;
     const int cols = tile_cols(kt);
-    T* dk = static_cast<T*>(bp_.dk) + ((b * p_.heads_kv + kv_head) * p_.len_k + col0) * dim_;
-    T* dv = static_cast<T*>(bp_.dv) + ((b * p_.heads_kv + kv_head) * p_.len_k + col0) * dim_v_;
+    const int64_t key_row = (b * p_.heads_kv + kv_head) * p_.len_k + col0;
+    T* dk = static_cast<T*>(additive_ ? bp_.d_k_proj : bp_.dk) + key_row * score_dim_;
+    T* dv = static_cast<T*>(bp_.dv) + key_row * dim_v_;
     const int64_t limit = key_limit(b);
     if (col0 >= limit) {  // padding keys: no query sees them
-      std::fill_n(dk, static_cast<int64_t>(cols) * dim_, T(0));
+      std::fill_n(dk, static_cast<int64_t>(cols) * score_dim_, T(0));
       std::fill_n(dv, static_cast<int64_t>(cols) * dim_v_, T(0));
       return;
     }
@@ -209,13 +238,22 @@ class BackwardPass {
         const T* kept = tile_grads(b, h, qt, kt, partial, bp_.dbias != nullptr, s);
         mk_.accumulate_pv(kept, rows, operand_row<T>(bp_.grad_out, b, h, row0),
                           bp_.grad_out.stride_row, dim_v_, s.ones.data(), s.dv_t.data());
+        if (additive_) {
+          bk_.additive_grad(s.grad.data(), rows, q_proj_rows(b, h, row0), p_.q_proj.stride_row,
+                            score_dim_, s.k_packed.data(), additive_w(),
+                            with_dq ? dq_tile(b, h, qt) : nullptr, s.dk_t.data(),
+                            dw_part(b, kv_head, kt));
+          continue;
+        }
         mk_.accumulate_pv(s.grad.data(), rows, operand_row<T>(p_.q, b, h, row0), p_.q.stride_row,
                           dim_, s.ones.data(), s.dk_t.data());
         if (with_dq) add_to_dq(b, h, qt, cols, s);
       }
     }
     for (int c = 0; c < cols; ++c) {
-      for (int d = 0; d < dim_; ++d) dk[c * dim_ + d] = scale_ * s.dk_t[d * kTileK + c];
+      for (int d = 0; d < score_dim_; ++d) {
+        dk[c * score_dim_ + d] = scale_ * s.dk_t[d * kTileK + c];
+      }
       for (int d = 0; d < dim_v_; ++d) dv[c * dim_v_ + d] = s.dv_t[d * kTileK + c];
     }
   }
@@ -231,16 +269,28 @@ class BackwardPass {
       if (kt * kTileK >= limit) break;  // key tiles ascend: the rest is padding
       pack_key_tile(b, kv_head, kt, true, s);
       tile_grads(b, h, qt, kt, layout.kinds()[e] == TileKind::Partial, false, s);
-      add_to_dq(b, h, qt, tile_cols(kt), s);
+      if (additive_) {
+        bk_.additive_grad(s.grad.data(), tile_rows(qt), q_proj_rows(b, h, qt * kTileQ),
+                          p_.q_proj.stride_row, score_dim_, s.k_packed.data(), additive_w(),
+                          dq_tile(b, h, qt), nullptr, nullptr);
+      } else {
+        add_to_dq(b, h, qt, tile_cols(kt), s);
+      }
     }
   }
 
-  // dQ rows of one query tile from its panels: dq[r][d] = scale * sum over key tiles.
+  // dQ rows of one query tile from its panels: dq[r][d] = scale * sum over key tiles; or the
+  // additive score's d q_proj rows.
   void write_dq(int64_t w) {
     const int64_t qt = w % num_q_tiles_, bh = w / num_q_tiles_;
     const T* acc = dq_tile(bh / p_.heads_q, bh % p_.heads_q, qt);
-    T* dq = static_cast<T*>(bp_.dq) + (bh * p_.len_q + qt * kTileQ) * dim_;
     const int rows = tile_rows(qt);
+    if (additive_) {
+      T* dqp = static_cast<T*>(bp_.d_q_proj) + (bh * p_.len_q + qt * kTileQ) * score_dim_;
+      std::copy_n(acc, static_cast<int64_t>(rows) * score_dim_, dqp);
+      return;
+    }
+    T* dq = static_cast<T*>(bp_.dq) + (bh * p_.len_q + qt * kTileQ) * dim_;
     for (int r = 0; r < rows; ++r) {
       for (int d = 0; d < dim_; ++d) {
         dq[r * dim_ + d] = scale_ * acc[(d / kTileK) * kTile + r * kTileK + d % kTileK];
@@ -250,15 +300,21 @@ class BackwardPass {
 
   // ---- one tile ---------------------------------------------------------------------------------
 
-  // k_packed = scale * K and v_packed = V of one key tile, keys along the lanes (zero padded);
-  // with with_dq also K in 64-wide panels of the head dim (keys along the rows) for dS K.
+  // k_packed = scale * K (additive: k_proj) and v_packed = V of one key tile, keys along the
+  // lanes (zero padded); with with_dq also K in 64-wide panels of the head dim (keys along the
+  // rows) for dS K.
   void pack_key_tile(int64_t b, int64_t kv_head, int64_t kt, bool with_dq, Scratch<T>& s) {
     const int64_t col0 = kt * kTileK;
     const int cols = tile_cols(kt);
-    const T* k = operand_row<T>(p_.k, b, kv_head, col0);
-    mk_.pack_q(k, p_.k.stride_row, cols, dim_, s.key_scale.data(), s.k_packed.data());
     mk_.pack_q(operand_row<T>(p_.v, b, kv_head, col0), p_.v.stride_row, cols, dim_v_,
                s.ones.data(), s.v_packed.data());
+    if (additive_) {
+      mk_.pack_q(operand_row<T>(p_.k_proj, b, kv_head, col0), p_.k_proj.stride_row, cols,
+                 score_dim_, s.ones.data(), s.k_packed.data());
+      return;
+    }
+    const T* k = operand_row<T>(p_.k, b, kv_head, col0);
+    mk_.pack_q(k, p_.k.stride_row, cols, dim_, s.key_scale.data(), s.k_packed.data());
     if (!with_dq) return;
     for (int panel = 0; panel < panels_; ++panel) {
       const int d0 = panel * kTileK, width = std::min(kTileK, dim_ - d0);
@@ -272,7 +328,7 @@ class BackwardPass {
 
   // For the (query tile qt, key tile kt) pair of head h, with K and V packed: s.probs = P and
   // s.grad = dS = P * (dP - delta), the gradient of the scores (written to dbias when
-  // with_dbias), then taken through the softcap to the scaled dot products. Returns the
+  // with_dbias), then taken through the softcap to the raw scaled scores. Returns the
   // probabilities that multiplied V in the forward (P, or P after dropout). Rows past the
   // tile's last row hold garbage and are never read.
   const T* tile_grads(int64_t b, int64_t h, int64_t qt, int64_t kt, bool partial,
@@ -284,8 +340,13 @@ class BackwardPass {
     T* const probs = s.probs.data();
     T* const grad = s.grad.data();
 
-    mk_.score_tile(operand_row<T>(p_.q, b, h, row0), p_.q.stride_row, rows, dim_,
-                   s.k_packed.data(), probs);
+    if (additive_) {  // the forward's tile with the roles of queries and keys swapped
+      mk_.additive_score_tile(q_proj_rows(b, h, row0), p_.q_proj.stride_row, rows, score_dim_,
+                              s.k_packed.data(), additive_w(), probs);
+    } else {
+      mk_.score_tile(operand_row<T>(p_.q, b, h, row0), p_.q.stride_row, rows, dim_,
+                     s.k_packed.data(), probs);
+    }
     const bool softcap = p_.softcap > 0.0;
     const T slope = p_.alibi_slopes != nullptr ? static_cast<T>(p_.alibi_slopes[h]) : T(0);
     if (softcap || slope != T(0)) {
@@ -362,15 +423,22 @@ class BackwardPass {
     }
   }
 
+  const T* additive_w() const { return static_cast<const T*>(p_.additive_w); }
+
   const BackwardParams& bp_;
   const AttentionParams& p_;
   const MicroKernels<T>& mk_;
   const BackwardMicroKernels<T>& bk_;
   int64_t num_q_tiles_ = 0, num_k_tiles_ = 0, group_ = 1;
-  int dim_ = 0, dim_v_ = 0, panels_ = 1;
+  int dim_ = 0, dim_v_ = 0;
+  bool additive_ = false;
+  int score_dim_ = 0;   // D, or the additive projection dim A
+  int panels_ = 1;      // 64-wide panels of D in dQ (none for the additive score)
+  int64_t q_acc_size_ = 0;  // elements of one query tile's accumulator
   T scale_ = 1, keep_scale_ = 1;
   std::vector<T> delta_;     // rowsum(dO * O), contiguous (batch, heads_q, len_q)
-  std::vector<T> dq_acc_;    // unscaled dQ per (batch, head, query tile): [panel][r][d % 64]
+  std::vector<T> dq_acc_;    // unscaled dQ [panel][r][d % 64] (or d q_proj [r][a]) per query tile
+  std::vector<T> dw_parts_;  // additive: each (batch, kv head, key tile)'s share of dw
 };
 
 void check(const BackwardParams& bp) {
@@ -390,8 +458,17 @@ void check(const BackwardParams& bp) {
   if (p.mode != Mode::Softmax || p.lse == nullptr) {
     throw std::invalid_argument("backward: differentiates a softmax pass and needs its lse");
   }
-  if (p.score != ScoreKind::Dot) {  // cosine arrives as dot products of unit rows
-    throw std::invalid_argument("backward: only the dot-product score is supported");
+  if (p.score == ScoreKind::Cosine) {  // it arrives as dot products of unit rows
+    throw std::invalid_argument("backward: differentiate cosine scores as dot products");
+  }
+  const bool additive = p.score == ScoreKind::Additive;
+  if (additive && (p.q_proj.data == nullptr || p.k_proj.data == nullptr ||
+                   p.additive_w == nullptr || bp.d_q_proj == nullptr ||
+                   bp.d_k_proj == nullptr || bp.d_additive_w == nullptr || p.additive_dim < 1)) {
+    throw std::invalid_argument("backward: the additive score needs its projections and results");
+  }
+  if ((!additive && (bp.dq == nullptr || bp.dk == nullptr)) || bp.dv == nullptr) {
+    throw std::invalid_argument("backward: a result array is missing");
   }
   if (p.q.stride_col != 1 || p.k.stride_col != 1 || p.v.stride_col != 1 ||
       bp.out.stride_col != 1 || bp.grad_out.stride_col != 1) {

@@ -37,6 +37,12 @@ struct BackwardMicroKernels {
   void (*softcap_grad)(T* ds, int rows, const T* softcap_tanh);
   // acc[r][c] += t[r][c] for r < rows and every lane c.
   void (*add_rows)(T* acc, const T* t, int rows);
+  // The additive score w . tanh(q_proj[r] + k_proj[c]) backwards, for r < rows: with
+  // u = tanh(q_proj[r][a] + kp_packed[a][c]) and g = ds[r][c] * w[a] * (1 - u^2), adds g to
+  // dkp_t[a][c], sum_c g to dqp[r * adim + a] and sum_c ds[r][c] * u to dw[a] (sums over every
+  // lane c, in a fixed order); a null dqp, dkp_t or dw is skipped.
+  void (*additive_grad)(const T* ds, int rows, const T* q_proj, int64_t q_proj_stride, int adim,
+                        const T* kp_packed, const T* w, T* dqp, T* dkp_t, T* dw);
 };
 
 const BackwardMicroKernels<float>& backward_microkernels_f32();

@@ -103,9 +103,37 @@ void add_rows_f32(float* acc, const float* t, int rows) {
   for (int at = 0; at < rows * kTileK; at += kVecWidth) store(acc + at, load(acc + at) + load(t + at));
 }
 
+inline float sum_lanes(vfloat x) {
+  float sum = 0.0f;
+  for (int l = 0; l < kVecWidth; ++l) sum += x[l];
+  return sum;
+}
+
+void additive_grad_f32(const float* ds, int rows, const float* q_proj, int64_t q_proj_stride,
+                       int adim, const float* kp_packed, const float* w, float* dqp, float* dkp_t,
+                       float* dw) {
+  for (int r = 0; r < rows; ++r) {
+    const float* ds_row = ds + r * kTileK;
+    for (int a = 0; a < adim; ++a) {
+      const vfloat qa = splat(q_proj[r * q_proj_stride + a]), wa = splat(w[a]);
+      vfloat g_sum{}, u_sum{};
+      for (int c0 = 0; c0 < kTileK; c0 += kVecWidth) {
+        const vfloat u = tanh_approx(qa + load(kp_packed + a * kTileK + c0));
+        const vfloat d = load(ds_row + c0);
+        const vfloat g = d * wa * (splat(1.0f) - u * u);
+        if (dkp_t != nullptr) store(dkp_t + a * kTileK + c0, load(dkp_t + a * kTileK + c0) + g);
+        g_sum = g_sum + g;
+        u_sum = fmadd(d, u, u_sum);
+      }
+      if (dqp != nullptr) dqp[r * adim + a] += sum_lanes(g_sum);
+      if (dw != nullptr) dw[a] += sum_lanes(u_sum);
+    }
+  }
+}
+
 BackwardMicroKernels<float> make_backward_table_f32() {
   return {&score_epilogue_f32, &mask_rows_f32,    &probs_from_lse_f32, &apply_dropout_f32,
-          &grad_scores_f32,    &softcap_grad_f32, &add_rows_f32};
+          &grad_scores_f32,    &softcap_grad_f32, &add_rows_f32,       &additive_grad_f32};
 }
 
 // ---- float64: plain loops -------------------------------------------------------------------
@@ -172,9 +200,29 @@ void add_rows_f64(double* acc, const double* t, int rows) {
   for (int at = 0; at < rows * kTileK; ++at) acc[at] += t[at];
 }
 
+void additive_grad_f64(const double* ds, int rows, const double* q_proj, int64_t q_proj_stride,
+                       int adim, const double* kp_packed, const double* w, double* dqp,
+                       double* dkp_t, double* dw) {
+  for (int r = 0; r < rows; ++r) {
+    for (int a = 0; a < adim; ++a) {
+      double g_sum = 0.0, u_sum = 0.0;
+      for (int c = 0; c < kTileK; ++c) {
+        const double u = std::tanh(q_proj[r * q_proj_stride + a] + kp_packed[a * kTileK + c]);
+        const double d = ds[r * kTileK + c];
+        const double g = d * w[a] * (1.0 - u * u);
+        if (dkp_t != nullptr) dkp_t[a * kTileK + c] += g;
+        g_sum += g;
+        u_sum += d * u;
+      }
+      if (dqp != nullptr) dqp[r * adim + a] += g_sum;
+      if (dw != nullptr) dw[a] += u_sum;
+    }
+  }
+}
+
 BackwardMicroKernels<double> make_backward_table_f64() {
   return {&score_epilogue_f64, &mask_rows_f64,    &probs_from_lse_f64, &apply_dropout_f64,
-          &grad_scores_f64,    &softcap_grad_f64, &add_rows_f64};
+          &grad_scores_f64,    &softcap_grad_f64, &add_rows_f64,       &additive_grad_f64};
 }
 
 }  // namespace

@@ -57,7 +57,7 @@ def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, 
                        scale=None, score="dot", score_params=None, alibi_slopes=None,
                        softcap=None, dropout_p=0.0, seed=None, key_lengths=None,
                        query_offset=0, key_offset=0, total_lengths=None, return_dbias=False,
-                       device="cpu", threads=None):
+                       return_dscore_params=False, device="cpu", threads=None):
     """Gradients of ``attention`` with respect to q, k, v (and bias): ``(dq, dk, dv)``.
 
     ``out`` and ``lse`` are what ``attention(..., return_lse=True)`` returned, ``grad_out`` is
@@ -66,17 +66,14 @@ def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, 
     FlashAttention-2 style: the probabilities are recomputed tile by tile from ``lse``, only the
     pattern's listed tiles are visited, and nothing of size Lq x Lk is stored except ``dbias``.
 
-    Scores "dot" and "cosine" are supported, with softcap, ALiBi, bias, mask, key_lengths,
-    dropout and offsets; "additive" raises NotImplementedError. Gradients have the shapes and
-    dtype of q, k, v: over broadcast leading dimensions and over the query heads of a
-    grouped-query group they are summed. Query rows with no allowed key
-    contribute nothing. ``return_dbias=True`` (needs ``bias``) appends ``dbias``, the shape of
-    ``bias`` in q's dtype. The result is bitwise reproducible and the same for every thread count.
+    Every score ("dot", "cosine", "additive"), softcap, ALiBi, bias, mask, key_lengths, dropout
+    and offsets are supported. Gradients have the shapes and dtype of q, k, v: over broadcast
+    leading dimensions and over the query heads of a grouped-query group they are summed. Query
+    rows with no allowed key contribute nothing. ``return_dbias=True`` (needs ``bias``) appends
+    ``dbias``, the shape of ``bias`` in q's dtype; ``return_dscore_params=True`` (score
+    "additive") then appends ``{"wq": ..., "wk": ..., "w": ...}``, the gradients of
+    ``score_params``. The result is bitwise reproducible and the same for every thread count.
     """
-    if isinstance(score, str) and score == "additive":
-        raise NotImplementedError(
-            "attention_backward: score='additive' has no backward pass yet (dot and cosine do)"
-        )
     cosine = isinstance(score, str) and score == "cosine"
     if cosine:  # cosine scores are dot products of unit rows: differentiate those, then chain
         (q, q_inv), (k, k_inv) = _unit_rows(q, "q"), _unit_rows(k, "k")
@@ -97,35 +94,63 @@ def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, 
     call.config["seed"] = _args.resolve_seed(seed) if dropout_p > 0 else 0
     if _check_bool(return_dbias, "return_dbias") and bias is None:
         raise ValueError("return_dbias=True needs a bias (there is nothing to differentiate)")
+    additive = call.score == "additive"
+    if _check_bool(return_dscore_params, "return_dscore_params") and not additive:
+        raise ValueError("return_dscore_params=True needs score='additive' (the only score "
+                         "with parameters)")
 
     b = p.batch_shape
     dq = np.empty(b + (p.heads_q, p.len_q, p.dim_qk), dtype=dtype)
     dk = np.empty(b + (p.heads_kv, p.len_k, p.dim_qk), dtype=dtype)
     dv = np.empty(b + (p.heads_kv, p.len_k, p.dim_v), dtype=dtype)
     dbias = np.zeros(p.scores_shape(), dtype=dtype) if return_dbias else None
+    grads = {"dq": dq, "dk": dk, "dv": dv, "dbias": dbias}
+    if additive:  # the kernel differentiates the projections; chained through Wq, Wk below
+        A = call.config["additive_dim"]
+        grads = {"dv": dv, "dbias": dbias,
+                 "d_q_proj": np.zeros(b + (p.heads_q, p.len_q, A), dtype),
+                 "d_k_proj": np.zeros(b + (p.heads_kv, p.len_k, A), dtype),
+                 "d_additive_w": np.zeros(A, dtype)}
     if dq.size or dk.size or dv.size:
         rows = (p.heads_q, p.len_q, p.dim_v)
-        grads = {
-            "out": _args.operand(out, b, rows, unit_col=True),
-            "grad_out": _args.operand(grad_out, b, rows, unit_col=True),
-            "dq": dq, "dk": dk, "dv": dv, "dbias": dbias,
-        }
+        grads["out"] = _args.operand(out, b, rows, unit_col=True)
+        grads["grad_out"] = _args.operand(grad_out, b, rows, unit_col=True)
         lse_rows = np.empty(p.lse_shape(), dtype=dtype)  # contiguous, one per (batch, head, row)
         lse_rows[...] = lse
         config = dict(call.config, mode=_args.MODES["softmax"])
         _core.backward(config, call.operands, {**call.arrays, "lse": lse_rows}, call.layouts,
                        call.threads, grads)
+    dparams = None
+    if additive:
+        dq, dk, dparams = _through_projections(call, score_params, grads)
     dq, dk = _sum_to_shape(dq, call.q_arr.shape), _sum_to_shape(dk, call.k_arr.shape)
     if cosine:
         dq, dk = _through_unit_rows(dq, q, q_inv), _through_unit_rows(dk, k, k_inv)
     result = (dq, dk, _sum_to_shape(dv, call.v_arr.shape))
     if return_dbias:
         result += (_sum_to_shape(dbias, np.shape(bias)),)
+    if return_dscore_params:
+        result += (dparams,)
     return result
 
 
+def _through_projections(call, score_params, grads: dict):
+    """The additive score's gradients from those of its projections q_proj = q Wq and
+    k_proj = k Wk, and of the kernel's weights w * scale: (dq, dk, {"wq", "wk", "w"}), dq and dk
+    at the full broadcast shape."""
+    p, b = call.problem, call.problem.batch_shape
+    _, (wq, wk, _) = _args.resolve_score("additive", score_params, p.dim_qk, call.dtype)
+    d_q_proj, d_k_proj = grads["d_q_proj"], grads["d_k_proj"]
+    q = np.broadcast_to(call.q_arr, b + (p.heads_q, p.len_q, p.dim_qk))
+    k = np.broadcast_to(call.k_arr, b + (p.heads_kv, p.len_k, p.dim_qk))
+    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731 - every (batch, head, row)
+    dparams = {"wq": rows(q).T @ rows(d_q_proj), "wk": rows(k).T @ rows(d_k_proj),
+               "w": grads["d_additive_w"] * call.dtype.type(call.scale)}
+    return d_q_proj @ wq.T, d_k_proj @ wk.T, dparams
+
+
 # Keyword arguments that only one of the two passes takes.
-_BACKWARD_ONLY = ("return_dbias",)
+_BACKWARD_ONLY = ("return_dbias", "return_dscore_params")
 _FORWARD_ONLY = ()
 _REFUSED = ("out", "return_lse")
 
@@ -134,7 +159,8 @@ def attention_vjp(q, k, v, pattern=None, **kwargs):
     """Run the forward and return ``(out, vjp)``, where ``vjp(grad_out) -> (dq, dk, dv)``.
 
     ``kwargs`` are ``attention``'s (mask, bias, scale, score, softcap, dropout_p, seed,
-    key_lengths, threads, ...) plus ``return_dbias`` (then ``vjp`` also returns dbias). With
+    key_lengths, threads, ...) plus ``return_dbias`` and ``return_dscore_params`` (then ``vjp``
+    also returns dbias, and the gradients of the additive score's parameters). With
     ``dropout_p > 0`` and no ``seed``, one seed is drawn and used by both passes. ``vjp`` reads
     q, k, v, the returned ``out`` and the saved lse when called: do not modify them in between.
     """
@@ -142,8 +168,9 @@ def attention_vjp(q, k, v, pattern=None, **kwargs):
         if name in kwargs:
             raise TypeError(f"attention_vjp: {name}= is not accepted (the forward's output is "
                             "returned and its lse kept for the backward)")
-    if "return_dbias" in kwargs:
-        _check_bool(kwargs["return_dbias"], "return_dbias")
+    for name in _BACKWARD_ONLY:
+        if name in kwargs:
+            _check_bool(kwargs[name], name)
     forward_kwargs = {n: x for n, x in kwargs.items() if n not in _BACKWARD_ONLY}
     backward_kwargs = {n: x for n, x in kwargs.items() if n not in _FORWARD_ONLY}
     if kwargs.get("dropout_p", 0.0) and kwargs.get("seed") is None:
