@@ -18,7 +18,6 @@ import platform
 import time
 
 import numpy as np
-
 import sparse_attn as sa
 from sparse_attn.reference import allowed_mask
 
@@ -51,9 +50,10 @@ def torch_step(torch, q, k, v, g, mask):
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
@@ -96,10 +96,10 @@ def main() -> None:
         out, lse = sa.attention(q, k, v, pattern, return_lse=True, threads=threads)  # warm-up
         sa.attention_backward(q, k, v, out, lse, g, pattern, threads=threads)
 
-        def forward():
+        def forward(pattern=pattern):
             sa.attention(q, k, v, pattern, return_lse=True, threads=threads)
 
-        def backward():
+        def backward(pattern=pattern, out=out, lse=lse):
             sa.attention_backward(q, k, v, out, lse, g, pattern, threads=threads)
 
         t_torch = None

@@ -24,9 +24,9 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402 - after the BLAS thread setting
-
-import sparse_attn as sa  # noqa: E402
+# NumPy reads the BLAS thread setting above when it is imported.
+import numpy as np
+import sparse_attn as sa
 
 BOS, SEP, BLANK = 0, 1, 2  # special tokens; data tokens are 3 .. vocab - 1
 
@@ -79,7 +79,9 @@ class CopyModel:
     def backward(self, dlogits, saved) -> dict:
         tokens, x, merged, y, vjp = saved
         p, layer = self.params, self.layer
-        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731 - (B, L, f) -> (B * L, f)
+        def flat(a):  # (B, L, f) -> (B * L, f)
+            return a.reshape(-1, a.shape[-1])
+
         grads = {"readout": flat(y).T @ flat(dlogits)}
         dy = dlogits @ p["readout"].T
         grads["wo"], grads["bo"] = flat(merged).T @ flat(dy), dy.sum(axis=(0, 1))

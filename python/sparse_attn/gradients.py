@@ -143,7 +143,9 @@ def _through_projections(call, score_params, grads: dict):
     d_q_proj, d_k_proj = grads["d_q_proj"], grads["d_k_proj"]
     q = np.broadcast_to(call.q_arr, b + (p.heads_q, p.len_q, p.dim_qk))
     k = np.broadcast_to(call.k_arr, b + (p.heads_kv, p.len_k, p.dim_qk))
-    rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731 - every (batch, head, row)
+    def rows(a):  # every (batch, head, row)
+        return a.reshape(-1, a.shape[-1])
+
     dparams = {"wq": rows(q).T @ rows(d_q_proj), "wk": rows(k).T @ rows(d_k_proj),
                "w": grads["d_additive_w"] * call.dtype.type(call.scale)}
     return d_q_proj @ wq.T, d_k_proj @ wk.T, dparams

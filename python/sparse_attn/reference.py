@@ -281,8 +281,9 @@ def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, 
     group = Hq // Hkv
     if scale is None:
         scale = 1.0 / math.sqrt(D) if score == "dot" else 1.0
-    variants = dict(score=score, score_params=score_params, softcap=softcap,
-                    alibi_slopes=alibi_slopes, query_offset=query_offset, key_offset=key_offset)
+    variants = {"score": score, "score_params": score_params, "softcap": softcap,
+                "alibi_slopes": alibi_slopes, "query_offset": query_offset,
+                "key_offset": key_offset}
     scores, allowed = _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths,
                                           lead=v.shape[:-3], **variants)
     probs, _ = _softmax(scores, allowed)
@@ -323,7 +324,10 @@ def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, 
         du = draw[..., None] * w * (1.0 - t**2)
         dqp, dkp = du.sum(axis=-2), du.sum(axis=-3)
         dq, dk = dqp @ wq.T, dkp @ wk.T
-        rows = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731 - every (batch, head, row)
+
+        def rows(a):  # every (batch, head, row)
+            return a.reshape(-1, a.shape[-1])
+
         dparams = {
             "wq": rows(q).T @ rows(dqp),
             "wk": rows(k).T @ rows(dkp),
