@@ -12,8 +12,10 @@
 #include <string>
 #include <vector>
 
+#include "core/backward_params.h"
 #include "core/layout.h"
 #include "core/params.h"
+#include "cpu/backward.h"
 #include "cpu/forward.h"
 #include "cpu/microkernels.h"
 #include "interrupt.h"
@@ -104,15 +106,18 @@ Pointer buffer(const py::dict& d, const char* name, const py::dtype& dtype, int6
   if (!d.contains(name) || d[name].is_none()) return nullptr;
   auto arr = d[name].cast<py::array>();
   if (!arr.dtype().is(dtype) || !(arr.flags() & py::array::c_style) || arr.size() != size) {
-    throw std::invalid_argument(std::string("forward: bad array for ") + name);
+    throw std::invalid_argument(std::string("bad array for ") + name);
   }
   keep.push_back(arr);
   return static_cast<Pointer>(arr.mutable_data());
 }
 
-// Fills the parameter struct from three dicts built by api.py and runs the CPU kernels.
-void forward(const py::dict& config, const py::dict& operands, const py::dict& arrays,
-             const std::vector<LayoutPtr>& layouts, int num_threads) {
+// Fills the parameter struct from three dicts built by api.py. `keep` holds the arrays its
+// pointers point into and `raw` its layout pointers: both must outlive the kernel call.
+AttentionParams attention_params(const py::dict& config, const py::dict& operands,
+                                 const py::dict& arrays, const std::vector<LayoutPtr>& layouts,
+                                 int num_threads, std::vector<py::object>& keep,
+                                 std::vector<const Layout*>& raw) {
   AttentionParams p;
   const py::dtype dtype(config["dtype"].cast<std::string>());
   if (dtype.is(py::dtype::of<float>())) {
@@ -144,7 +149,6 @@ void forward(const py::dict& config, const py::dict& operands, const py::dict& a
   p.seed = config["seed"].cast<uint64_t>();
   p.additive_dim = config["additive_dim"].cast<int64_t>();
 
-  std::vector<py::object> keep;
   const auto u8 = py::dtype::of<uint8_t>();
   const auto i64 = py::dtype::of<int64_t>();
   const auto f64 = py::dtype::of<double>();
@@ -178,25 +182,69 @@ void forward(const py::dict& config, const py::dict& operands, const py::dict& a
   if (static_cast<int64_t>(layouts.size()) != p.heads_q) {
     throw std::invalid_argument("forward: one layout per query head is required");
   }
-  std::vector<const Layout*> raw(layouts.size());
+  raw.resize(layouts.size());
   for (size_t h = 0; h < layouts.size(); ++h) raw[h] = layouts[h].get();
   p.layouts = raw.data();
   p.num_threads = num_threads;
+  return p;
+}
 
+// Runs kernel(cancel flag) with the GIL released and Ctrl-C polled by the kernels; an
+// interrupt is handed to Python's handler afterwards (the result is incomplete anyway).
+template <typename Kernel>
+void run_interruptible(Kernel kernel) {
   bool interrupted = false;
   {
     sparse_attn::InterruptScope interrupt;
-    p.cancel = interrupt.cancel();
     py::gil_scoped_release release;
-    sparse_attn::cpu::forward(p);
+    kernel(interrupt.cancel());
     interrupted = interrupt.interrupted();
   }
-  if (interrupted) {  // hand the signal to Python's handler; the result is incomplete anyway
+  if (interrupted) {
     PyErr_SetInterrupt();
     if (PyErr_CheckSignals() != 0) throw py::error_already_set();
     PyErr_SetNone(PyExc_KeyboardInterrupt);
     throw py::error_already_set();
   }
+}
+
+void forward(const py::dict& config, const py::dict& operands, const py::dict& arrays,
+             const std::vector<LayoutPtr>& layouts, int num_threads) {
+  std::vector<py::object> keep;
+  std::vector<const Layout*> raw;
+  AttentionParams p = attention_params(config, operands, arrays, layouts, num_threads, keep, raw);
+  run_interruptible([&](const std::atomic<bool>* cancel) {
+    p.cancel = cancel;
+    sparse_attn::cpu::forward(p);
+  });
+}
+
+// The gradient of the forward call described by the same three dicts (with the forward's lse
+// in arrays["lse"]); `grads` holds the operands "out" and "grad_out" and the C-contiguous
+// result arrays "dq", "dk", "dv", "dbias" and, for the additive score, "d_q_proj", "d_k_proj"
+// and "d_additive_w" (absent or None: not wanted).
+void backward(const py::dict& config, const py::dict& operands, const py::dict& arrays,
+              const std::vector<LayoutPtr>& layouts, int num_threads, const py::dict& grads) {
+  std::vector<py::object> keep;
+  std::vector<const Layout*> raw;
+  sparse_attn::BackwardParams bp;
+  AttentionParams& p = bp.forward;
+  p = attention_params(config, operands, arrays, layouts, num_threads, keep, raw);
+  const py::dtype dtype(config["dtype"].cast<std::string>());
+  bp.out = to_operand(grads["out"], dtype, keep);
+  bp.grad_out = to_operand(grads["grad_out"], dtype, keep);
+  const int64_t rows_q = p.batch * p.heads_q * p.len_q, rows_k = p.batch * p.heads_kv * p.len_k;
+  bp.dq = buffer<void*>(grads, "dq", dtype, rows_q * p.dim_qk, keep);
+  bp.dk = buffer<void*>(grads, "dk", dtype, rows_k * p.dim_qk, keep);
+  bp.dv = buffer<void*>(grads, "dv", dtype, rows_k * p.dim_v, keep);
+  bp.dbias = buffer<void*>(grads, "dbias", dtype, rows_q * p.len_k, keep);
+  bp.d_q_proj = buffer<void*>(grads, "d_q_proj", dtype, rows_q * p.additive_dim, keep);
+  bp.d_k_proj = buffer<void*>(grads, "d_k_proj", dtype, rows_k * p.additive_dim, keep);
+  bp.d_additive_w = buffer<void*>(grads, "d_additive_w", dtype, p.additive_dim, keep);
+  run_interruptible([&](const std::atomic<bool>* cancel) {
+    p.cancel = cancel;
+    sparse_attn::cpu::backward(bp);
+  });
 }
 
 py::dict build_info() {
@@ -239,6 +287,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("len_k"), py::arg("tile_q"), py::arg("tile_k"), py::arg("q0") = 0,
         py::arg("k0") = 0);
   m.def("forward", &forward);
+  m.def("backward", &backward);
   m.def("build_info", &build_info);
 #if SPARSE_ATTN_WITH_CUDA
   sparse_attn::cuda::register_cuda_backend(m);

@@ -16,9 +16,11 @@ class InterruptScope {
   static void remember_main_thread() { main_thread() = pthread_self(); }
 
   InterruptScope() {
-    flag().store(false);
     active_ = pthread_equal(pthread_self(), main_thread()) != 0;
     if (!active_) return;
+    // Only the main thread's call owns the flag: a call starting on another thread must not
+    // clear a Ctrl-C that the main thread's running call has not yet seen.
+    flag().store(false);
     struct sigaction action {};
     action.sa_handler = &on_signal;
     sigemptyset(&action.sa_mask);

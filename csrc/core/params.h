@@ -47,9 +47,9 @@ struct AttentionParams {
   // Scoring: s = softcap(scale * score(q, k)) + bias - slope_h * |i - j|
   ScoreKind score = ScoreKind::Dot;
   Operand q_proj, k_proj;           // Additive: (batch, heads, rows, additive_dim)
-  const void* additive_w = nullptr;  // Additive: additive_dim weights, dtype of q
+  const void* additive_w = nullptr;  // Additive: additive_dim weights (scale folded in)
   int64_t additive_dim = 0;
-  double scale = 1.0;
+  double scale = 1.0;  // Dot and Cosine; Additive has it folded into additive_w
   double softcap = 0.0;                  // > 0: s -> softcap * tanh(s / softcap)
   const double* alibi_slopes = nullptr;  // one per query head, or null
 

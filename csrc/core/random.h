@@ -25,14 +25,23 @@ SA_HD uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
-// The draw for (seed, stream, a, b, c, d): each counter is folded in through the mixer.
-SA_HD uint64_t random_bits(uint64_t seed, RandomStream stream, uint64_t a, uint64_t b = 0,
-                           uint64_t c = 0, uint64_t d = 0) {
+// The draws of one row of counters (a, b, c, *): random_bits(seed, stream, a, b, c, d) equals
+// random_bits_in_row(random_row_prefix(seed, stream, a, b, c), d), one mix per element.
+SA_HD uint64_t random_row_prefix(uint64_t seed, RandomStream stream, uint64_t a, uint64_t b,
+                                 uint64_t c) {
   uint64_t h = mix64(seed ^ (static_cast<uint64_t>(stream) << 56));
   h = mix64(h ^ a);
   h = mix64(h ^ b);
-  h = mix64(h ^ c);
-  return mix64(h ^ d);
+  return mix64(h ^ c);
+}
+SA_HD uint64_t random_bits_in_row(uint64_t row_prefix, uint64_t d) {
+  return mix64(row_prefix ^ d);
+}
+
+// The draw for (seed, stream, a, b, c, d): each counter is folded in through the mixer.
+SA_HD uint64_t random_bits(uint64_t seed, RandomStream stream, uint64_t a, uint64_t b = 0,
+                           uint64_t c = 0, uint64_t d = 0) {
+  return random_bits_in_row(random_row_prefix(seed, stream, a, b, c), d);
 }
 
 // Uniform in [0, 1) with 24 random bits (exact in float32).

@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "backward_microkernels.h"
 #include "microkernels.h"
 
 namespace sparse_attn::cpu {
@@ -47,6 +48,20 @@ const MicroKernels<double>& microkernels_f64() {
   if (active_simd_level() == SimdLevel::Avx2) return avx2::table_f64();
 #endif
   return generic::table_f64();
+}
+
+const BackwardMicroKernels<float>& backward_microkernels_f32() {
+#if SPARSE_ATTN_HAVE_AVX2
+  if (active_simd_level() == SimdLevel::Avx2) return avx2::backward_table_f32();
+#endif
+  return generic::backward_table_f32();
+}
+
+const BackwardMicroKernels<double>& backward_microkernels_f64() {
+#if SPARSE_ATTN_HAVE_AVX2
+  if (active_simd_level() == SimdLevel::Avx2) return avx2::backward_table_f64();
+#endif
+  return generic::backward_table_f64();
 }
 
 }  // namespace sparse_attn::cpu

@@ -14,6 +14,7 @@
 
 #include "../core/random.h"
 #include "microkernels.h"
+#include "tile_mask.h"
 
 namespace sparse_attn::cpu {
 namespace {
@@ -125,21 +126,8 @@ class TileWalker {
   // key-length cut and the user's mask. Lanes past the last row get none.
   void allowed_bits(const QueryTile& t, int64_t kt, int cols, bool partial,
                     uint64_t* row_bits) const {
-    const int64_t col0 = kt * kTileK;
-    const uint64_t limit_bits = bit_range(0, t.key_limit - col0) & bit_range(0, cols);
-    for (int r = 0; r < t.rows; ++r) {
-      uint64_t bits = partial ? t.layout->tile_row_bits(t.row0 + r, kt) & limit_bits : limit_bits;
-      if (p_.mask.data != nullptr) {
-        const Operand& m = p_.mask;
-        const auto* row = static_cast<const uint8_t*>(m.data) + m.batch_offset[t.b] +
-                          t.h * m.stride_head + (t.row0 + r) * m.stride_row + col0 * m.stride_col;
-        for (int c = 0; c < cols; ++c) {
-          if (!row[c * m.stride_col]) bits &= ~(uint64_t{1} << c);
-        }
-      }
-      row_bits[r] = bits;
-    }
-    for (int r = t.rows; r < kTileQ; ++r) row_bits[r] = 0;
+    tile_row_bits(p_, *t.layout, t.b, t.h, t.row0, t.rows, kt, cols, partial, t.key_limit,
+                  row_bits);
   }
 
  private:
@@ -222,7 +210,7 @@ void hard_tile(const AttentionParams& p, const TileWalker<T>& walker, const Quer
   const T neg_inf = -std::numeric_limits<T>::infinity();
   std::fill(sc.best.begin(), sc.best.end(), neg_inf);
   std::fill(sc.best_index.begin(), sc.best_index.end(), int64_t{-1});
-  const T inv_temperature = static_cast<T>(1.0 / p.temperature);
+  const T temperature = static_cast<T>(p.temperature);
   for (int64_t e = layout.row_start(t.qt); e < layout.row_start(t.qt + 1); ++e) {
     const int cols = walker.score(t, e, sc);
     if (cols == 0) break;
@@ -238,7 +226,8 @@ void hard_tile(const AttentionParams& p, const TileWalker<T>& walker, const Quer
           // Gumbel(0, 1) = -log(-log(u)), u in (0, 1): the 24-bit uniform shifted by half a step.
           const uint64_t bits = mix64(stream ^ static_cast<uint64_t>(p.k0 + col0 + c));
           const double u = (static_cast<double>(bits >> 40) + 0.5) * (1.0 / 16777216.0);
-          value = value * inv_temperature + static_cast<T>(-std::log(-std::log(u)));
+          // argmax of s / t + g is the argmax of s + t * g (t > 0), which cannot overflow
+          value += temperature * static_cast<T>(-std::log(-std::log(u)));
         }
         if (value > sc.best[r]) {
           sc.best[r] = value;

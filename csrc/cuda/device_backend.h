@@ -301,7 +301,7 @@ inline void forward(const Runtime& rt, const py::dict& config, const py::dict& o
   p.softcap = config["softcap"].cast<float>();
   p.dropout_p = config["dropout_p"].cast<float>();
   p.sample = config["sample"].cast<bool>();
-  p.inv_temperature = static_cast<float>(1.0 / config["temperature"].cast<double>());
+  p.temperature = config["temperature"].cast<float>();
   p.seed = config["seed"].cast<uint64_t>();
   if (static_cast<int64_t>(layouts.size()) != p.heads_q) {
     throw std::invalid_argument("forward: one layout per query head is required");

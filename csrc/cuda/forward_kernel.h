@@ -329,7 +329,9 @@ __global__ void __launch_bounds__(kThreads, 2) hard_kernel(const ForwardParams p
           // Gumbel(0, 1) = -log(-log(u)), u in (0, 1): the 24-bit uniform shifted half a step.
           const uint64_t bits = mix64(stream ^ static_cast<uint64_t>(p.k0 + key));
           const double u = (static_cast<double>(bits >> 40) + 0.5) * (1.0 / 16777216.0);
-          value = __fmul_rn(value, p.inv_temperature) + static_cast<float>(-log(-log(u)));
+          // argmax of s / t + g is that of s + t g (t > 0), which cannot overflow; the
+          // product is rounded on its own, as on the CPU
+          value += __fmul_rn(p.temperature, static_cast<float>(-log(-log(u))));
         }
         if (value > tile_best) {
           tile_best = value;

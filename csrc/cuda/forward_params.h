@@ -58,7 +58,7 @@ struct ForwardParams {
   // Randomness from csrc/core/random.h, keyed by (seed, batch, head, i, j) as on the CPU.
   float dropout_p = 0.0f;  // softmax: drop each probability with this chance, keep 1/(1-p)
   bool sample = false;     // hard: Gumbel-max sampling instead of argmax
-  float inv_temperature = 1.0f;  // float(1 / temperature), rounded as on the CPU
+  float temperature = 1.0f;  // sampling takes the argmax of s + temperature * Gumbel noise
   uint64_t seed = 0;
 
   void* out = nullptr;      // contiguous (batch, heads_q, len_q, dim_v), the input element type

@@ -3,6 +3,7 @@
 from ._version import __version__
 from ._args import get_num_threads, set_num_threads
 from .api import attention, attention_weights, hard_attention, merge_attention
+from .gradients import attention_backward, attention_vjp
 from .layers import MultiHeadAttention
 from .patterns import (
     BlockSparse,
@@ -27,6 +28,8 @@ from ._info import build_info, cuda_available
 __all__ = [
     "__version__",
     "attention",
+    "attention_backward",
+    "attention_vjp",
     "attention_weights",
     "hard_attention",
     "merge_attention",

@@ -378,8 +378,8 @@ def _head_layouts(pattern, problem, q0: int, k0: int, totals: tuple) -> list:
 
 
 def compute(mode: str, q, k, v, pattern, *, mask=None, bias=None, scale=None, score="dot",
-            score_params=None, alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None, sample=False,
-            temperature=1.0, key_lengths=None, query_offset=0, key_offset=0,
+            score_params=None, alibi_slopes=None, softcap=None, dropout_p=0.0, seed=None,
+            sample=False, temperature=1.0, key_lengths=None, query_offset=0, key_offset=0,
             total_lengths=None, second=False, out=None):
     """``attention`` (mode "softmax") or ``hard_attention`` (mode "hard") on the GPU, with the
     arguments and results of those functions. ``second``: also return lse (softmax; float32)

@@ -73,7 +73,8 @@ class _Call:
                                                     unit_col=True)
             self.operands["k_proj"] = _args.operand(k_proj, b, (p.heads_kv, p.len_k, additive_dim),
                                                     unit_col=True)
-            self.arrays["additive_w"] = np.ascontiguousarray(w)
+            # scale · (w · tanh(...)) = (scale · w) · tanh(...): the kernel takes it folded in
+            self.arrays["additive_w"] = np.ascontiguousarray(w * self.dtype.type(self.scale))
         self.config = dict(p.kernel_shape(), dtype=self.dtype.name, mode=0,
                            score=_args.SCORES[self.score], q0=q0, k0=k0, scale=self.scale,
                            softcap=_args.resolve_softcap(softcap), dropout_p=0.0, sample=False,
@@ -131,14 +132,17 @@ def attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, score=
     Returns the output ``(..., Hq, Lq, Dv)``, and ``lse`` ``(..., Hq, Lq)`` (natural log of the
     softmax denominator) when ``return_lse=True``. ``out=`` is written only on success.
     """
+    _check_v_and_seed(v, seed)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if (type(device) is not str or device != "cpu") and _device.select(
             _args.resolve_device(device), q, _device.gpu_unsupported(score)) == "cuda":
         _args.resolve_threads(threads)  # the GPU path: _device.py
         return _device.compute(
             "softmax", q, k, v, pattern, mask=mask, bias=bias, scale=scale, score=score,
-            score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap, dropout_p=dropout_p, seed=seed,
-            key_lengths=key_lengths, query_offset=query_offset, key_offset=key_offset,
-            total_lengths=total_lengths, second=return_lse, out=out)
+            score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap,
+            dropout_p=dropout_p, seed=seed, key_lengths=key_lengths, query_offset=query_offset,
+            key_offset=key_offset, total_lengths=total_lengths, second=return_lse, out=out)
     plain = _is_plain(q, k, v, pattern, threads, mask, bias, scale, score, score_params,
                       alibi_slopes, softcap, dropout_p, key_lengths, query_offset, key_offset,
                       total_lengths, device)
@@ -169,6 +173,15 @@ def attention(q, k, v, pattern=None, *, mask=None, bias=None, scale=None, score=
         np.copyto(out, result)
         result = out
     return (result, lse) if return_lse else result
+
+
+def _check_v_and_seed(v, seed) -> None:
+    """What the kernels never read must still be valid: v=None would give an empty result, and
+    a seed is checked even where dropout_p=0 or sample=False leaves it unused."""
+    if v is None:
+        raise TypeError("v must be an array (..., Hkv, Lk, Dv), got None")
+    if seed is not None:
+        _args.resolve_seed(seed)
 
 
 def _is_plain(q, k, v, pattern, threads, mask, bias, scale, score, score_params, alibi_slopes,
@@ -222,14 +235,15 @@ def hard_attention(q, k, v, pattern=None, *, sample=False, temperature=1.0, seed
     Returns ``(out, idx)``: out ``(..., Hq, Lq, Dv)`` and ``idx`` ``(..., Hq, Lq)`` int64, the
     chosen key per query (``-1`` for a row with no allowed key, whose output is zeros).
     """
+    _check_v_and_seed(v, seed)
     if (type(device) is not str or device != "cpu") and _device.select(
             _args.resolve_device(device), q, _device.gpu_unsupported(score)) == "cuda":
         _args.resolve_threads(threads)  # the GPU path: _device.py
         return _device.compute(
             "hard", q, k, v, pattern, sample=sample, temperature=temperature, seed=seed,
             mask=mask, bias=bias, scale=scale, score=score, score_params=score_params,
-            alibi_slopes=alibi_slopes, softcap=softcap, key_lengths=key_lengths, query_offset=query_offset,
-            key_offset=key_offset, total_lengths=total_lengths)
+            alibi_slopes=alibi_slopes, softcap=softcap, key_lengths=key_lengths,
+            query_offset=query_offset, key_offset=key_offset, total_lengths=total_lengths)
     call = _Call(q, k, v, pattern, mask=mask, bias=bias, scale=scale, score=score,
                  score_params=score_params, alibi_slopes=alibi_slopes, softcap=softcap,
                  key_lengths=key_lengths, query_offset=query_offset, key_offset=key_offset,
@@ -326,9 +340,10 @@ def merge_attention(outs, lses):
     outs = [_args.as_float_array(o, f"outs[{n}]") for n, o in enumerate(outs)]
     lses = [_args.as_float_array(s, f"lses[{n}]") for n, s in enumerate(lses)]
     dtype = _args.common_dtype({**{f"outs[{n}]": o for n, o in enumerate(outs)},
-                                **{f"lses[{n}]": s for n, s in enumerate(lses)}})
+                                **{f"lses[{n}]": s for n, s in enumerate(lses)}}, "outs and lses")
     for n, (o, s) in enumerate(zip(outs, lses)):
-        if o.shape != outs[0].shape or s.shape != lses[0].shape or o.shape[:-1] != s.shape:
+        if o.ndim == 0 or o.shape != outs[0].shape or s.shape != lses[0].shape \
+                or o.shape[:-1] != s.shape:
             raise ValueError(
                 f"shard {n}: out {o.shape} and lse {s.shape} must match shard 0 "
                 f"(out {outs[0].shape}, lse {lses[0].shape}) with lse = out.shape[:-1]"
@@ -336,11 +351,13 @@ def merge_attention(outs, lses):
     stacked = np.stack(lses)
     top = np.max(stacked, axis=0)
     safe_top = np.where(np.isneginf(top), 0.0, top)  # an all-empty row: every weight is 0
-    weights = np.exp(stacked - safe_top)
-    total = weights.sum(axis=0)
-    lse = np.where(total > 0, safe_top + np.log(np.where(total > 0, total, 1.0)), -np.inf)
-    out = np.zeros(outs[0].shape, dtype=dtype)
-    norm = np.where(total > 0, total, 1.0)
-    for o, w in zip(outs, weights):
-        out += o * (w / norm)[..., None]
+    with np.errstate(invalid="ignore"):  # a NaN or +inf lse makes its row NaN, quietly
+        weights = np.exp(stacked - safe_top)
+        total = weights.sum(axis=0)
+        empty = total == 0
+        lse = np.where(empty, -np.inf, safe_top + np.log(np.where(empty, 1.0, total)))
+        out = np.zeros(outs[0].shape, dtype=dtype)
+        norm = np.where(empty, 1.0, total)
+        for o, w in zip(outs, weights):
+            out += o * (w / norm)[..., None]
     return out, lse.astype(dtype, copy=False)

@@ -13,7 +13,14 @@ import numpy as np
 
 from .patterns import as_head_patterns
 
-__all__ = ["allowed_mask", "attention", "dropout_keep", "hard_attention", "softmax_weights"]
+__all__ = [
+    "allowed_mask",
+    "attention",
+    "attention_backward",
+    "dropout_keep",
+    "hard_attention",
+    "softmax_weights",
+]
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -229,3 +236,120 @@ def attention(
     if one_head and out.ndim == 3:  # a 2-D q with no leading dimensions from k or v
         out, lse = out[0], lse[0]
     return (out, lse) if return_lse else out
+
+
+def _sum_to_shape(grad: np.ndarray, shape: tuple) -> np.ndarray:
+    """Sum a gradient over the axes that broadcasting added or stretched, giving ``shape``."""
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad.reshape(shape)
+
+
+def _unit_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows scaled to unit length, and 1 / length (0 for a zero row, whose cosine is 0)."""
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    inv = np.where(norm > 0, 1.0 / np.where(norm > 0, norm, 1.0), 0.0)
+    return x * inv, inv
+
+
+def attention_backward(q, k, v, out, lse, grad_out, pattern=None, *, mask=None, bias=None,
+                       scale=None, score="dot", score_params=None, alibi_slopes=None,
+                       softcap=None, dropout_p=0.0, seed=None, key_lengths=None, query_offset=0,
+                       key_offset=0, return_dbias=False, return_dscore_params=False,
+                       threads=None):
+    """Gradients of ``attention`` in float64, by the chain rule on the materialised matrices.
+
+    Returns ``(dq, dk, dv)`` with the shapes of ``q``, ``k``, ``v`` (gradients over broadcast
+    axes and over the query heads of a grouped-query group are summed), then ``dbias`` (shape of
+    ``bias``) when ``return_dbias``, then ``{"wq", "wk", "w"}`` gradients when
+    ``return_dscore_params`` (score "additive"). Arguments as for
+    ``sparse_attn.attention_backward``; this oracle recomputes everything from ``q``, ``k``,
+    ``v`` (``out`` and ``lse`` only have their shapes checked, ``threads`` is ignored) and
+    regenerates the dropped set with ``dropout_keep``.
+
+        s1 = scale * score(q, k);  s = softcap(s1) + bias - alibi;  P = softmax(s over allowed)
+        out = (P * keep / (1 - p)) @ v
+        dS = P * (dP - rowsum(P * dP)),  dP = (grad_out @ v^T) * keep / (1 - p)
+    """
+    shapes = {"q": np.shape(q), "k": np.shape(k), "v": np.shape(v)}
+    q, k, v = _as_heads(q, "q"), _as_heads(k, "k"), _as_heads(v, "v")
+    (Hq, Lq, D), (Hkv, Lk, Dv) = q.shape[-3:], v.shape[-3:]
+    group = Hq // Hkv
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if score == "dot" else 1.0
+    variants = {"score": score, "score_params": score_params, "softcap": softcap,
+                "alibi_slopes": alibi_slopes, "query_offset": query_offset,
+                "key_offset": key_offset}
+    scores, allowed = _scores_and_allowed(q, k, pattern, mask, bias, scale, key_lengths,
+                                          lead=v.shape[:-3], **variants)
+    probs, _ = _softmax(scores, allowed)
+    batch = probs.shape[:-3]
+    if np.shape(out)[-2:] != (Lq, Dv) or np.shape(lse)[-1:] != (Lq,):
+        raise ValueError(f"out {np.shape(out)} or lse {np.shape(lse)} do not fit q and v")
+
+    grad_out = np.broadcast_to(_as_heads(grad_out, "grad_out"), (*batch, Hq, Lq, Dv))
+    q = np.broadcast_to(q, (*batch, Hq, Lq, D))
+    k = np.broadcast_to(np.repeat(k, group, axis=-3), (*batch, Hq, Lk, D))
+    v = np.repeat(v, group, axis=-3)
+    kept = np.ones(())
+    if dropout_p:
+        keep = dropout_keep(seed, dropout_p, batch, Hq, Lq, Lk, query_offset, key_offset)
+        kept = keep / (1.0 - dropout_p)
+
+    dv = np.swapaxes(probs * kept, -1, -2) @ grad_out
+    dprobs = (grad_out @ np.swapaxes(v, -1, -2)) * kept
+    dscores = probs * (dprobs - (probs * dprobs).sum(axis=-1, keepdims=True))  # d/d(s)
+    draw = dscores
+    if softcap is not None:  # s = softcap * tanh(s1 / softcap)
+        s1 = scale * _raw_scores(q, k, score, score_params)
+        draw = draw * (1.0 - np.tanh(s1 / softcap) ** 2)
+    draw = scale * draw  # d/d(score(q, k))
+
+    dparams = None
+    if score == "dot":
+        dq, dk = draw @ k, np.swapaxes(draw, -1, -2) @ q
+    elif score == "cosine":
+        (qn, q_inv), (kn, k_inv) = _unit_rows(q), _unit_rows(k)
+        dqn, dkn = draw @ kn, np.swapaxes(draw, -1, -2) @ qn
+        dq = (dqn - (dqn * qn).sum(axis=-1, keepdims=True) * qn) * q_inv
+        dk = (dkn - (dkn * kn).sum(axis=-1, keepdims=True) * kn) * k_inv
+    elif score == "additive":
+        wq, wk, w = (np.asarray(score_params[n], dtype=np.float64) for n in ("wq", "wk", "w"))
+        qp, kp = q @ wq, k @ wk
+        t = np.tanh(qp[..., :, None, :] + kp[..., None, :, :])  # (..., Lq, Lk, A)
+        du = draw[..., None] * w * (1.0 - t**2)
+        dqp, dkp = du.sum(axis=-2), du.sum(axis=-3)
+        dq, dk = dqp @ wq.T, dkp @ wk.T
+
+        def rows(a):  # every (batch, head, row)
+            return a.reshape(-1, a.shape[-1])
+
+        dparams = {
+            "wq": rows(q).T @ rows(dqp),
+            "wk": rows(k).T @ rows(dkp),
+            "w": rows(draw[..., None] * t).sum(axis=0),
+        }
+    else:
+        raise ValueError(f"unknown score {score!r}")
+
+    def per_kv_head(grad):  # query head h reads kv head h // group: sum over each group
+        return grad.reshape(*grad.shape[:-3], Hkv, group, *grad.shape[-2:]).sum(axis=-3)
+
+    grads = (
+        _sum_to_shape(dq, shapes["q"]),
+        _sum_to_shape(per_kv_head(dk), shapes["k"]),
+        _sum_to_shape(per_kv_head(dv), shapes["v"]),
+    )
+    if return_dbias:
+        if bias is None:
+            raise ValueError("return_dbias=True needs a bias")
+        grads += (_sum_to_shape(dscores, np.shape(bias)),)
+    if return_dscore_params:
+        if dparams is None:
+            raise ValueError("return_dscore_params=True needs score='additive'")
+        grads += (dparams,)
+    return grads
