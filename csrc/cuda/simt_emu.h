@@ -19,13 +19,15 @@
 //   block (a thread that exits while others wait is an error); barriers are not told apart by
 //   call site. Warp operations need the full mask of the warp's existing lanes and width 32.
 // - Blocks never run concurrently: kernels that communicate between blocks are not tested.
+//   Launches are synchronous and ignore streams. POSIX only (mmap, ucontext).
 // - Static __shared__ variables become `static thread_local`: shared by all blocks of a launch
 //   and not poisoned (gcc drops section attributes in templates). Use dynamic shared memory.
 // - Intrinsics compute at host precision (__expf is expf): GPU-only numerics are only checked
 //   on a GPU. No tensor cores, cp.async, TMA, clusters, cooperative groups or textures: kernels
 //   keep such paths behind an interface with a plain-loop twin.
 // - A fiber's stack is 256 KiB with a guard page below it. AddressSanitizer does not follow the
-//   assembly switch (use the ucontext switcher under sanitizers).
+//   assembly switch: under ASan the default switcher is ucontext (ASan intercepts swapcontext,
+//   with known false positives on fiber stacks).
 #pragma once
 
 #if defined(__CUDACC__)
@@ -65,7 +67,7 @@ enum class Switcher { Assembly, Ucontext };
 struct Schedule {
   Order order = Order::Forward;
   uint64_t seed = 0;  // for Order::Shuffled
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__)
   Switcher switcher = Switcher::Assembly;
 #else
   Switcher switcher = Switcher::Ucontext;
