@@ -501,6 +501,11 @@ def test_empty_problems():
     assert sa.attention(z, q, q, device="cuda").shape == (2, 0, 8)
     out, lse = sa.attention(q, z, z, return_lse=True, device="cuda")  # no keys at all
     assert (out == 0).all() and np.isneginf(lse).all()
+    empty_batch = np.ones((0, 2, 5, 8), dtype=np.float32)
+    out, index = sa.hard_attention(empty_batch, empty_batch, empty_batch,
+                                   key_lengths=np.zeros(0, dtype=np.int64),
+                                   alibi_slopes=[0.1, 0.2], device="cuda")
+    assert out.shape == (0, 2, 5, 8) and index.shape == (0, 2, 5)
 
 
 # ---- device arrays read in place -------------------------------------------------------------------

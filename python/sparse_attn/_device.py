@@ -337,7 +337,7 @@ def _upload(backend, spec, keep: list):
     if view.size == 0:  # never read; NumPy may give an empty view any strides
         buffer = backend.DeviceBuffer(max(view.itemsize, 1))
         keep.append(buffer)
-        return (buffer.ptr, spec[1], 0, 0, 1)
+        return (buffer.ptr,) + ((spec[1], 0, 0, 1) if len(spec) == 5 else ())
     low, high = _byte_bounds(view)
     buffer = backend.DeviceBuffer(high - low)
     buffer.upload(low, high - low)
