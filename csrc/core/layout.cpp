@@ -333,7 +333,8 @@ class Compiler {
       case Op::Global: {
         const auto* tokens = static_cast<const int64_t*>(node.data);
         const int64_t n = node.data_len;
-        auto count = [&](int64_t lo, int64_t hi) {
+        auto count = [&](int64_t lo, int64_t hi) -> int64_t {
+          if (n == 0 || hi < tokens[0] || lo > tokens[n - 1]) return 0;  // most tiles: no search
           return lower_bound_i64(tokens, n, hi + 1) - lower_bound_i64(tokens, n, lo);
         };
         const int64_t rows = node.a ? count(t.i0, t.i1) : 0;
