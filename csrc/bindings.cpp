@@ -87,7 +87,7 @@ Operand to_operand(const py::object& spec, const py::dtype& dtype, std::vector<p
   auto t = spec.cast<py::tuple>();
   if (t.size() != 5) throw std::invalid_argument("operand must be a 5-tuple");
   auto arr = t[0].cast<py::array>();
-  if (!arr.dtype().is(dtype)) throw std::invalid_argument("operand has the wrong dtype");
+  if (!arr.dtype().equal(dtype)) throw std::invalid_argument("operand has the wrong dtype");
   auto offsets = t[1].cast<Int64Array>();
   op.data = arr.data();
   op.batch_offset = offsets.data();
@@ -105,7 +105,7 @@ Pointer buffer(const py::dict& d, const char* name, const py::dtype& dtype, int6
                std::vector<py::object>& keep) {
   if (!d.contains(name) || d[name].is_none()) return nullptr;
   auto arr = d[name].cast<py::array>();
-  if (!arr.dtype().is(dtype) || !(arr.flags() & py::array::c_style) || arr.size() != size) {
+  if (!arr.dtype().equal(dtype) || !(arr.flags() & py::array::c_style) || arr.size() != size) {
     throw std::invalid_argument(std::string("bad array for ") + name);
   }
   keep.push_back(arr);
@@ -120,9 +120,9 @@ AttentionParams attention_params(const py::dict& config, const py::dict& operand
                                  std::vector<const Layout*>& raw) {
   AttentionParams p;
   const py::dtype dtype(config["dtype"].cast<std::string>());
-  if (dtype.is(py::dtype::of<float>())) {
+  if (dtype.equal(py::dtype::of<float>())) {
     p.dtype = sparse_attn::DType::Float32;
-  } else if (dtype.is(py::dtype::of<double>())) {
+  } else if (dtype.equal(py::dtype::of<double>())) {
     p.dtype = sparse_attn::DType::Float64;
   } else {
     throw std::invalid_argument("forward: dtype must be float32 or float64");

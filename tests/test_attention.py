@@ -408,3 +408,14 @@ def test_no_keys_gives_zeros_and_lse_neg_inf(shapes, dtype):
     ref_out, ref_lse = reference.attention(q, k, v, return_lse=True)
     assert out.shape == ref_out.shape and (out == 0).all()
     assert lse.shape == ref_lse.shape and np.isneginf(lse).all()
+
+
+def test_unpickled_arrays_are_accepted():
+    """Arrays that crossed a process boundary carry their own dtype object (Dask workers)."""
+    import pickle
+
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((2, 33, 8)).astype(np.float32) for _ in range(3))
+    expected = sa.attention(q, k, v, sa.SlidingWindow(4))
+    q2, k2, v2 = pickle.loads(pickle.dumps((q, k, v)))
+    np.testing.assert_array_equal(sa.attention(q2, k2, v2, sa.SlidingWindow(4)), expected)
