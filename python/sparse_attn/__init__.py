@@ -24,6 +24,9 @@ from .patterns import (
 from .presets import BigBird, Longformer, SparseTransformer
 from .plot import plot_pattern
 from ._info import build_info, cuda_available
+from ._threadpool import register as _register_threadpoolctl
+
+_register_threadpoolctl()  # threadpool_limits() reaches the kernels, if threadpoolctl is installed
 
 __all__ = [
     "__version__",

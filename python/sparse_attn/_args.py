@@ -17,6 +17,8 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 def as_float_array(x, name: str) -> np.ndarray:
     """``np.asarray`` with a dtype check: float32 and float64 pass, everything else is refused."""
+    if isinstance(x, np.ma.MaskedArray):  # asarray would drop the mask without a word
+        raise TypeError(f"{name}: masked arrays are not supported; pass {name}.filled(...)")
     try:
         arr = np.asarray(x)
     except Exception as exc:  # noqa: BLE001 - anything asarray cannot take is a type error
@@ -29,11 +31,11 @@ def as_float_array(x, name: str) -> np.ndarray:
     return arr
 
 
-def common_dtype(arrays: dict) -> np.dtype:
+def common_dtype(arrays: dict, what: str = "q, k, v") -> np.dtype:
     dtypes = {a.dtype for a in arrays.values()}
     if len(dtypes) > 1:
         listed = ", ".join(f"{n}={a.dtype}" for n, a in arrays.items())
-        raise TypeError(f"q, k, v must share one dtype, got {listed}")
+        raise TypeError(f"{what} must share one dtype, got {listed}")
     return dtypes.pop()
 
 
@@ -90,9 +92,9 @@ def problem_shape(q: np.ndarray, k: np.ndarray, v: np.ndarray | None) -> Problem
             )
     if dim_qk == 0:
         raise ValueError(f"the head dim of q and k must be >= 1, got q {q.shape}")
-    if heads_kv == 0 or heads_q % heads_kv != 0:
+    if heads_q == 0 or heads_kv == 0 or heads_q % heads_kv != 0:
         raise ValueError(
-            f"the query heads must be a multiple of the key/value heads (grouped-query "
+            f"the query heads must be a positive multiple of the key/value heads (grouped-query "
             f"attention): Hq={heads_q}, Hkv={heads_kv} (q {q.shape}, k {k.shape})"
         )
     leads = [a.shape[:-3] for a in (q3, k3, v3) if a is not None]
@@ -122,8 +124,8 @@ def operand(a: np.ndarray, batch_shape: tuple, tail: tuple, *, unit_col: bool) -
     itemsize = a.itemsize
     if unit_col and a.shape[-1] > 1 and a.strides[-1] != itemsize:
         a = np.ascontiguousarray(a)
-    if any(s % itemsize for s in a.strides):
-        a = np.ascontiguousarray(a)
+    if not a.flags.aligned or any(s % itemsize for s in a.strides):
+        a = np.array(a, order="C")  # a copy: the kernels load whole, aligned elements
     target = batch_shape + tail
     view = a if a.shape == target else np.broadcast_to(a, target)
     strides = [s // itemsize for s in view.strides]
@@ -238,6 +240,8 @@ def check_out(out, shape: tuple, dtype: np.dtype, inputs: dict) -> None:
 
 
 # Threads: a process default from SPARSE_ATTN_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs.
+# At most MAX_THREADS: OpenMP ends the process when it cannot create a thread it was asked for.
+MAX_THREADS = 1024
 _threads_lock = threading.Lock()
 _default_threads: list = []
 
@@ -246,7 +250,7 @@ def _threads_from_env() -> int:
     for var in ("SPARSE_ATTN_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(var, "").split(",")[0].strip()
         if value.isdigit() and int(value) > 0:
-            return int(value)
+            return min(int(value), MAX_THREADS)
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                else (os.cpu_count() or 1))
 
@@ -271,8 +275,8 @@ def resolve_threads(threads) -> int:
         return get_num_threads()
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral):
         raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
-    if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must lie in [1, {MAX_THREADS}], got {threads}")
     return int(threads)
 
 
@@ -330,7 +334,7 @@ def resolve_alibi(alibi_slopes, heads_q: int):
         )
     if not np.all(np.isfinite(slopes)):
         raise ValueError("alibi_slopes must be finite")
-    return np.ascontiguousarray(slopes, dtype=np.float64)
+    return np.array(slopes, dtype=np.float64)  # a copy: aligned, whatever the caller's buffer
 
 
 def resolve_probability(value, name: str) -> float:
@@ -366,6 +370,11 @@ def resolve_offsets(query_offset, key_offset, total_lengths, problem: Problem):
     q0 = _non_negative_int(query_offset, "query_offset")
     k0 = _non_negative_int(key_offset, "key_offset")
     if total_lengths is None:
+        if q0 + problem.len_q > _POSITION_LIMIT or k0 + problem.len_k > _POSITION_LIMIT:
+            raise ValueError(
+                f"query_offset + Lq and key_offset + Lk must be at most 2**62, got "
+                f"query_offset={q0}, Lq={problem.len_q}, key_offset={k0}, Lk={problem.len_k}"
+            )
         return q0, k0, (q0 + problem.len_q, k0 + problem.len_k)
     if not isinstance(total_lengths, (tuple, list)) or len(total_lengths) != 2:
         raise TypeError("total_lengths must be a pair (total Lq, total Lk)")
@@ -379,9 +388,12 @@ def resolve_offsets(query_offset, key_offset, total_lengths, problem: Problem):
     return q0, k0, (tq, tk)
 
 
+_POSITION_LIMIT = 2**62  # as for pattern parameters: i + offset never overflows int64
+
+
 def _non_negative_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if not 0 <= value <= _POSITION_LIMIT:
+        raise ValueError(f"{name} must lie in [0, 2**62], got {value}")
     return int(value)

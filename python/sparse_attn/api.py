@@ -197,7 +197,8 @@ def _is_plain(q, k, v, pattern, threads, mask, bias, scale, score, score_params,
             and type(key_offset) is int and key_offset == 0
             and (pattern is None or isinstance(pattern, Pattern))
             and (threads is None or type(threads) is int)
-            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray)
+            and type(q) is np.ndarray and type(k) is np.ndarray and type(v) is np.ndarray
+            and q.flags.aligned and k.flags.aligned and v.flags.aligned)  # else operand() copies
 
 
 def _run_plan(plan, q, k, v, threads, return_lse, out):

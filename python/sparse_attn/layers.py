@@ -44,13 +44,14 @@ def _check_real_array(value, name: str) -> np.ndarray:
 
 def _split_heads(a: np.ndarray, heads: int) -> np.ndarray:
     """(..., L, heads * d) -> (..., heads, L, d), a view with unit innermost stride."""
-    return np.swapaxes(a.reshape(*a.shape[:-1], heads, -1), -2, -3)
+    # d is spelled out: an empty batch or sequence leaves -1 nothing to infer from
+    return np.swapaxes(a.reshape(*a.shape[:-1], heads, a.shape[-1] // heads), -2, -3)
 
 
 def _merge_heads(a: np.ndarray) -> np.ndarray:
     """(..., heads, L, d) -> (..., L, heads * d)."""
     a = np.swapaxes(a, -2, -3)
-    return a.reshape(*a.shape[:-2], -1)
+    return a.reshape(*a.shape[:-2], a.shape[-2] * a.shape[-1])
 
 
 class MultiHeadAttention:

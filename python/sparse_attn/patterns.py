@@ -98,7 +98,10 @@ def _positions(Lq: int, Lk: int) -> tuple[np.ndarray, np.ndarray]:
 
 def _frozen_bool_array(value, name: str, ndims: tuple[int, ...]) -> np.ndarray:
     """A read-only C-contiguous bool copy of ``value`` (bool, or integers that are all 0/1)."""
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError as error:  # ragged nested lists
+        raise ValueError(f"{name} must be a rectangular array: {error}") from None
     if array.dtype != np.bool_:
         if array.dtype.kind not in "iu":
             raise TypeError(

@@ -7,6 +7,7 @@ tile by tile from the compiled layout, so Lq x Lk is never materialised. No patt
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 
 import numpy as np
@@ -65,6 +66,8 @@ def plot_pattern(pattern, L, path, *, Lk=None, block=None) -> None:
 
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a Pattern, got {type(pattern).__name__}")
+    if not (isinstance(path, (str, os.PathLike)) or hasattr(path, "write")):
+        raise TypeError(f"path must be a file name or a binary file, got {type(path).__name__}")
     Lq = _check_int(L, "L", minimum=1)
     Lk = Lq if Lk is None else _check_int(Lk, "Lk", minimum=1)
     pictures, unit = _pictures(pattern, Lq, Lk, block)
