@@ -329,8 +329,15 @@ void run(const AttentionParams& p, const MicroKernels<T>& mk) {
   const int64_t per_rank = p.batch * p.heads_q;
   const int64_t items = per_rank * num_q_tiles;
   if (items == 0) return;
-  // No more threads than work items; a single thread runs without a parallel region.
-  const int threads = static_cast<int>(std::min<int64_t>(std::max(1, p.num_threads), items));
+  // No more threads than work items, and at least kMinTilesPerThread listed tiles each: starting
+  // a team costs more than a few tile steps (and its idle spinning slows a busy machine). A
+  // single thread runs without a parallel region.
+  constexpr int64_t kMinTilesPerThread = 16;
+  int64_t listed = 0;
+  for (int64_t h = 0; h < p.heads_q; ++h) listed += p.layouts[h]->num_listed();
+  const int64_t by_work = std::max<int64_t>(1, listed * p.batch / kMinTilesPerThread);
+  const int threads = static_cast<int>(
+      std::min<int64_t>({static_cast<int64_t>(std::max(1, p.num_threads)), items, by_work}));
   // Allocated before any parallel region: std::bad_alloc must reach the caller, not terminate.
   const int dim = static_cast<int>(std::max(p.dim_qk, p.additive_dim));
   std::vector<Scratch<T>> scratches;
