@@ -46,7 +46,8 @@ def main(argv=None):
 
     info = sa.build_info()
     print(f"sparse_attn {sa.__version__}: CPU kernels '{info['simd']}', "
-          f"{sa.get_num_threads()} threads, CUDA {'yes' if info['cuda_compiled'] else 'no'}")
+          f"{sa.get_num_threads()} threads, CUDA kernels {'built' if info['cuda_compiled'] else 'not built'}"
+          f", GPU {'usable' if sa.cuda_available() else 'not usable'}")
     rng = np.random.default_rng(0)
     q, k, v = (rng.standard_normal((H, L, D), dtype=np.float32) for _ in range(3))
     patterns = {
