@@ -143,16 +143,6 @@ class TileWalker {
   const MicroKernels<T>& mk_;
 };
 
-// The random stream of one (batch, head, query row): folding the key position in gives
-// random_bits(seed, stream, batch, head, i, j) of random.h, one mix per key.
-uint64_t row_stream(const AttentionParams& p, RandomStream stream, int64_t b, int64_t h,
-                    int64_t i) {
-  uint64_t x = mix64(p.seed ^ (static_cast<uint64_t>(stream) << 56));
-  x = mix64(x ^ static_cast<uint64_t>(b));
-  x = mix64(x ^ static_cast<uint64_t>(h));
-  return mix64(x ^ static_cast<uint64_t>(i));
-}
-
 // Zeroes dropped probabilities and scales kept ones by 1 / (1 - p), after the softmax update
 // (so the normaliser and lse are those of the undropped softmax, as in FlashAttention).
 template <typename T>
@@ -160,9 +150,10 @@ void apply_dropout(const AttentionParams& p, const QueryTile& t, int64_t col0, i
   const float drop = static_cast<float>(p.dropout_p);
   const T keep_scale = T(1) / (T(1) - static_cast<T>(p.dropout_p));
   for (int r = 0; r < t.rows; ++r) {
-    const uint64_t stream = row_stream(p, RandomStream::Dropout, t.b, t.h, p.q0 + t.row0 + r);
+    const uint64_t stream =
+        random_row_prefix(p.seed, RandomStream::Dropout, t.b, t.h, p.q0 + t.row0 + r);
     for (int c = 0; c < cols; ++c) {
-      const uint64_t bits = mix64(stream ^ static_cast<uint64_t>(p.k0 + col0 + c));
+      const uint64_t bits = random_bits_in_row(stream, p.k0 + col0 + c);
       T& prob = s[c * kTileQ + r];
       prob = random_uniform(bits) >= drop ? prob * keep_scale : T(0);
     }
@@ -217,14 +208,15 @@ void hard_tile(const AttentionParams& p, const TileWalker<T>& walker, const Quer
     const int64_t col0 = layout.key_tiles()[e] * kTileK;
     const T* s = sc.scores.data();
     for (int r = 0; r < t.rows; ++r) {
+      const int64_t i = p.q0 + t.row0 + r;
       const uint64_t stream =
-          p.sample ? row_stream(p, RandomStream::Gumbel, t.b, t.h, p.q0 + t.row0 + r) : 0;
+          p.sample ? random_row_prefix(p.seed, RandomStream::Gumbel, t.b, t.h, i) : 0;
       for (int c = 0; c < cols; ++c) {
         T value = s[c * kTileQ + r];
         if (!(value > neg_inf)) continue;  // masked (or NaN): never chosen
         if (p.sample) {
           // Gumbel(0, 1) = -log(-log(u)), u in (0, 1): the 24-bit uniform shifted by half a step.
-          const uint64_t bits = mix64(stream ^ static_cast<uint64_t>(p.k0 + col0 + c));
+          const uint64_t bits = random_bits_in_row(stream, p.k0 + col0 + c);
           const double u = (static_cast<double>(bits >> 40) + 0.5) * (1.0 / 16777216.0);
           // argmax of s / t + g is the argmax of s + t * g (t > 0), which cannot overflow
           value += temperature * static_cast<T>(-std::log(-std::log(u)));

@@ -52,16 +52,6 @@ SA_DEVICE_NOINLINE uint64_t pattern_row_bits(const PatternProgram& program, int6
   return row_bits(program, i, j0, width);
 }
 
-// The random stream of one (batch, head, query row i): folding the key position j in gives
-// random_bits(seed, stream, batch, head, i, j) of random.h, one mix per key (as on the CPU).
-SA_DEVICE uint64_t row_stream(const ForwardParams& p, RandomStream stream, int64_t b, int64_t h,
-                              int64_t i) {
-  uint64_t x = mix64(p.seed ^ (static_cast<uint64_t>(stream) << 56));
-  x = mix64(x ^ static_cast<uint64_t>(b));
-  x = mix64(x ^ static_cast<uint64_t>(h));
-  return mix64(x ^ static_cast<uint64_t>(i));
-}
-
 // Per-row scale of the block's queries into shared memory: the scale, divided by |q| for the
 // cosine score (0 for a zero vector). Read after the next barrier.
 template <typename T>
@@ -184,11 +174,11 @@ SA_DEVICE void apply_dropout(const ForwardParams& p, const BlockWork& w, const K
   SA_UNROLL
   for (int i = 0; i < kRowsPerThread; ++i) {
     const uint64_t stream =
-        row_stream(p, RandomStream::Dropout, w.b, w.h, p.q0 + w.row0 + f.first_row + i);
+        random_row_prefix(p.seed, RandomStream::Dropout, w.b, w.h, p.q0 + w.row0 + f.first_row + i);
     SA_UNROLL
     for (int jj = 0; jj < kKeysPerThread; ++jj) {
       const int c = f.lane + kLanesPerRow * jj;
-      const uint64_t bits = mix64(stream ^ static_cast<uint64_t>(p.k0 + t.col0 + c));
+      const uint64_t bits = random_bits_in_row(stream, p.k0 + t.col0 + c);
       s[i][jj] = random_uniform(bits) >= p.dropout_p ? s[i][jj] * keep_scale : 0.0f;
     }
   }
@@ -317,7 +307,8 @@ __global__ void __launch_bounds__(kThreads, 2) hard_kernel(const ForwardParams p
     SA_UNROLL
     for (int i = 0; i < kRowsPerThread; ++i) {
       const int64_t i_abs = p.q0 + w.row0 + f.first_row + i;
-      const uint64_t stream = p.sample ? row_stream(p, RandomStream::Gumbel, w.b, w.h, i_abs) : 0;
+      const uint64_t stream =
+          p.sample ? random_row_prefix(p.seed, RandomStream::Gumbel, w.b, w.h, i_abs) : 0;
       float tile_best = -INFINITY;
       int64_t tile_key = -1;
       SA_UNROLL
@@ -327,7 +318,7 @@ __global__ void __launch_bounds__(kThreads, 2) hard_kernel(const ForwardParams p
         const int64_t key = t.col0 + f.lane + kLanesPerRow * jj;
         if (p.sample) {
           // Gumbel(0, 1) = -log(-log(u)), u in (0, 1): the 24-bit uniform shifted half a step.
-          const uint64_t bits = mix64(stream ^ static_cast<uint64_t>(p.k0 + key));
+          const uint64_t bits = random_bits_in_row(stream, p.k0 + key);
           const double u = (static_cast<double>(bits >> 40) + 0.5) * (1.0 / 16777216.0);
           // argmax of s / t + g is that of s + t g (t > 0), which cannot overflow; the
           // product is rounded on its own, as on the CPU
