@@ -19,6 +19,7 @@
 #include "cpu/forward.h"
 #include "cpu/microkernels.h"
 #include "interrupt.h"
+#include "problem_fields.h"
 
 namespace py = pybind11;
 #if SPARSE_ATTN_WITH_CUDA
@@ -129,18 +130,7 @@ AttentionParams attention_params(const py::dict& config, const py::dict& operand
   }
   p.mode = static_cast<sparse_attn::Mode>(config["mode"].cast<int>());
   p.score = static_cast<sparse_attn::ScoreKind>(config["score"].cast<int>());
-  for (const char* key : {"batch", "heads_q", "heads_kv", "len_q", "len_k", "dim_qk", "dim_v"}) {
-    if (!config.contains(key)) throw std::invalid_argument(std::string("forward: missing ") + key);
-  }
-  p.batch = config["batch"].cast<int64_t>();
-  p.heads_q = config["heads_q"].cast<int64_t>();
-  p.heads_kv = config["heads_kv"].cast<int64_t>();
-  p.len_q = config["len_q"].cast<int64_t>();
-  p.len_k = config["len_k"].cast<int64_t>();
-  p.dim_qk = config["dim_qk"].cast<int64_t>();
-  p.dim_v = config["dim_v"].cast<int64_t>();
-  p.q0 = config["q0"].cast<int64_t>();
-  p.k0 = config["k0"].cast<int64_t>();
+  sparse_attn::read_problem_fields(config, p);
   p.scale = config["scale"].cast<double>();
   p.softcap = config["softcap"].cast<double>();
   p.dropout_p = config["dropout_p"].cast<double>();

@@ -16,6 +16,7 @@
 
 #include "../core/layout.h"
 #include "../core/params.h"
+#include "../problem_fields.h"
 #include "forward_launch.h"
 #include "forward_params.h"
 
@@ -280,15 +281,7 @@ inline void forward(const Runtime& rt, const py::dict& config, const py::dict& o
     throw std::invalid_argument("forward: the CUDA kernels compute the softmax and hard modes");
   }
   p.mode = mode == "hard" ? kModeHard : kModeSoftmax;
-  p.batch = config["batch"].cast<int64_t>();
-  p.heads_q = config["heads_q"].cast<int64_t>();
-  p.heads_kv = config["heads_kv"].cast<int64_t>();
-  p.len_q = config["len_q"].cast<int64_t>();
-  p.len_k = config["len_k"].cast<int64_t>();
-  p.dim_qk = config["dim_qk"].cast<int64_t>();
-  p.dim_v = config["dim_v"].cast<int64_t>();
-  p.q0 = config["q0"].cast<int64_t>();
-  p.k0 = config["k0"].cast<int64_t>();
+  read_problem_fields(config, p);
   if (p.heads_kv <= 0 || p.heads_q % p.heads_kv != 0 || p.dim_qk < 1 || p.dim_v < 0) {
     throw std::invalid_argument("forward: inconsistent heads or head dims");
   }
