@@ -15,6 +15,12 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _is_real(dtype: np.dtype) -> bool:
+    """Float or integer, not bool: what a bias, ALiBi slopes or score weights may hold."""
+    return dtype != np.bool_ and (np.issubdtype(dtype, np.floating)
+                                  or np.issubdtype(dtype, np.integer))
+
+
 def as_float_array(x, name: str) -> np.ndarray:
     """``np.asarray`` with a dtype check: float32 and float64 pass, everything else is refused."""
     if isinstance(x, np.ma.MaskedArray):  # asarray would drop the mask without a word
@@ -170,8 +176,7 @@ def bias_operand(bias, problem: Problem, dtype: np.dtype):
     if bias is None:
         return None
     b = np.asarray(bias)
-    if not (np.issubdtype(b.dtype, np.floating) or np.issubdtype(b.dtype, np.integer)) \
-            or b.dtype == np.bool_:
+    if not _is_real(b.dtype):
         raise TypeError(f"bias must be a real (float) array, got dtype {b.dtype}")
     target = problem.scores_shape()
     check_broadcast(b, target, "bias")
@@ -298,8 +303,7 @@ def resolve_score(score, score_params, dim: int, dtype: np.dtype):
         raise ValueError("score='additive' needs score_params=dict(wq=(D, A), wk=(D, A), w=(A,))")
     wq, wk, w = (np.asarray(score_params[n]) for n in ("wq", "wk", "w"))
     for name, arr in (("wq", wq), ("wk", wk), ("w", w)):
-        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) \
-                or arr.dtype == np.bool_:
+        if not _is_real(arr.dtype):
             raise TypeError(f"score_params[{name!r}] must be a real array, got dtype {arr.dtype}")
     if wq.ndim != 2 or wk.ndim != 2 or w.ndim != 1 or wq.shape != wk.shape \
             or wq.shape[0] != dim or wq.shape[1] != w.shape[0] or w.shape[0] == 0:
@@ -324,8 +328,7 @@ def resolve_alibi(alibi_slopes, heads_q: int):
     if alibi_slopes is None:
         return None
     slopes = np.asarray(alibi_slopes)
-    if not (np.issubdtype(slopes.dtype, np.floating) or np.issubdtype(slopes.dtype, np.integer)) \
-            or slopes.dtype == np.bool_:
+    if not _is_real(slopes.dtype):
         raise TypeError(f"alibi_slopes must be real numbers, got dtype {slopes.dtype}")
     if slopes.shape != (heads_q,):
         raise ValueError(
